@@ -1,0 +1,55 @@
+"""MoEConfig validation: every bad value names its field and what is allowed."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from epmoe import MoEConfig, parse_dtype
+
+BASE = dict(hidden_size=16, intermediate_size=32, num_experts=8)
+
+
+def test_defaults_and_dtype_names():
+    c = MoEConfig(**BASE)
+    assert (c.top_k, c.scoring, c.renormalize, c.activation, c.placement) == (
+        2, "softmax", True, "silu", "linear")
+    assert c.dtype is torch.float32
+    for name, dt in [("bfloat16", torch.bfloat16), ("bf16", torch.bfloat16),
+                     ("torch.float16", torch.float16), ("fp32", torch.float32)]:
+        assert MoEConfig(**BASE, dtype=name).dtype is dt
+    assert parse_dtype(torch.bfloat16) is torch.bfloat16
+
+
+def test_frozen_and_replace_revalidates():
+    c = MoEConfig(**BASE)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.top_k = 3
+    assert c.replace(top_k=3).top_k == 3 and c.top_k == 2
+    with pytest.raises(ValueError, match="top_k"):
+        c.replace(top_k=9)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("hidden_size", 0, r"hidden_size must be a positive int"),
+    ("intermediate_size", -4, r"intermediate_size must be a positive int"),
+    ("num_experts", 2.0, r"num_experts must be a positive int"),
+    ("top_k", True, r"top_k must be a positive int"),
+    ("top_k", 9, r"top_k=9 must be <= num_experts=8 \(allowed: 1..8\)"),
+    ("scoring", "relu", r"scoring must be one of \['softmax', 'sigmoid'\]"),
+    ("activation", "relu", r"activation must be one of \['silu', 'gelu'\]"),
+    ("placement", "random", r"placement must be one of \['linear', 'round_robin'\]"),
+    ("renormalize", 1, r"renormalize must be a bool"),
+    ("dtype", "int8", r"dtype must be one of torch.float32, torch.bfloat16, torch.float16"),
+    ("dtype", torch.float64, r"MoEConfig.dtype must be one of"),
+])
+def test_invalid_values(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        MoEConfig(**{**BASE, field: value})
+
+
+def test_num_experts_against_ep_size():
+    c = MoEConfig(**{**BASE, "num_experts": 3, "top_k": 1})
+    c.check_ep_size(3)
+    with pytest.raises(ValueError, match=r"num_experts=3 must be >= ep_size=4"):
+        c.check_ep_size(4)

@@ -1,0 +1,147 @@
+"""EP=N against the single-device reference: every case runs on N gloo ranks.
+
+One spawn per world size runs every case; each test then checks one case's
+outputs (gathered from the ranks) against ``reference_moe`` on all ranks'
+tokens, and that a second forward gave bitwise the same result.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from multiproc import run_ranks
+
+import epmoe
+
+H, F_ = 32, 48
+# name -> (config overrides, tokens per rank (rank r takes counts[r]), special)
+CASES: dict[str, tuple[dict, list[int], str]] = {
+    "base": (dict(num_experts=8, top_k=2), [13, 7, 0, 21], ""),
+    "uneven_round_robin": (dict(num_experts=7, top_k=3, placement="round_robin"),
+                           [10, 10, 10, 10], ""),
+    "uneven_linear": (dict(num_experts=6, top_k=2), [4, 9, 1, 6], ""),
+    "top1": (dict(num_experts=4, top_k=1), [9, 0, 5, 3], ""),
+    "topk_all": (dict(num_experts=5, top_k=5, renormalize=False), [6, 11, 3, 1], ""),
+    "sigmoid_gelu": (dict(num_experts=6, top_k=2, scoring="sigmoid", renormalize=False,
+                          activation="gelu"), [8, 8, 8, 8], ""),
+    "sigmoid_renorm": (dict(num_experts=9, top_k=4, scoring="sigmoid", placement="round_robin"),
+                       [5, 12, 7, 2], ""),
+    "zero_tokens_everywhere": (dict(num_experts=8, top_k=2), [0, 0, 0, 0], ""),
+    "one_expert_top1": (dict(num_experts=8, top_k=1), [16, 16, 16, 16], "hot"),
+    "one_expert_top2": (dict(num_experts=8, top_k=2), [16, 3, 0, 16], "hot"),
+    "bf16": (dict(num_experts=8, top_k=2, dtype="bfloat16"), [32, 16, 8, 24], ""),
+    "grad": (dict(num_experts=6, top_k=2), [7, 0, 12, 5], "grad"),
+}
+WORLDS = [1, 2, 3, 4]
+
+
+def case_inputs(name: str, world: int):
+    """Config, all ranks' tokens (concatenated), per-rank counts and full weights of a case."""
+    overrides, counts, special = CASES[name]
+    counts = counts[:world]
+    cfg = epmoe.MoEConfig(hidden_size=H, intermediate_size=F_, **overrides)
+    gen = torch.Generator().manual_seed(1000 + sum(map(ord, name)))
+    x = torch.randn(sum(counts), H, generator=gen)
+    router, gate, up, down = epmoe.full_weights(cfg, seed=7)
+    if special == "hot":  # every token's first choice is the last expert (on the last rank)
+        x = x.abs() + 0.1
+        router = 0.01 * torch.randn(cfg.num_experts, H, generator=gen)
+        router[-1] = 5.0
+    weights = tuple(w.to(cfg.dtype) for w in (router, gate, up, down))
+    return cfg, x.to(cfg.dtype), counts, weights
+
+
+def _worker(world: int) -> dict:
+    state = epmoe.init_distributed(force_cpu=True, timeout_s=60)
+    assert state.ep_size == world and state.backend in ("gloo", None)
+    out = {}
+    for name in CASES:
+        cfg, x_all, counts, weights = case_inputs(name, world)
+        start = sum(counts[: state.rank])
+        x = x_all[start : start + counts[state.rank]].clone()
+        layer = epmoe.ExpertParallelMoE(cfg, state, collect_stats=True)
+        layer.load_full_weights(*weights)
+        if CASES[name][2] == "grad":
+            x.requires_grad_(True)
+            y = layer(x)
+            r = torch.Generator().manual_seed(5)
+            probe = torch.randn(x_all.shape, generator=r)[start : start + x.shape[0]]
+            (y * probe).sum().backward()
+            out[name] = dict(y=y.detach(), x_grad=x.grad, router_grad=layer.router_weight.grad,
+                             local=layer.local_experts, w_gate_grad=layer.w_gate.grad,
+                             w_up_grad=layer.w_up.grad, w_down_grad=layer.w_down.grad)
+            continue
+        with torch.no_grad():
+            y1 = layer(x)
+            stats = layer.last_stats
+            y2 = layer(x)
+        out[name] = dict(y=y1, bitwise=torch.equal(y1, y2), stats=stats, local=layer.local_experts)
+    return out
+
+
+@functools.cache
+def results(world: int) -> list[dict]:
+    return run_ranks(_worker, world, world, deadline_s=300)
+
+
+def _ref(cfg, x, weights):
+    if cfg.dtype == torch.float32:
+        return epmoe.reference_moe(x, *weights, cfg), None
+    ref32 = epmoe.reference_moe(x.float(), *(w.float() for w in weights),
+                                cfg.replace(dtype=torch.float32))
+    return ref32, epmoe.reference_moe(x, *weights, cfg)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("name", [n for n in CASES if CASES[n][2] != "grad"])
+def test_ep_matches_reference(world: int, name: str):
+    cfg, x, counts, weights = case_inputs(name, world)
+    per_rank = results(world)
+    y = torch.cat([r[name]["y"] for r in per_rank])
+    assert y.shape == x.shape and y.dtype == cfg.dtype
+    ref32, ref_low = _ref(cfg, x, weights)
+    tol = epmoe.reference_tolerance(ref32, ref_low, cfg.dtype)
+    err = (y.float() - ref32).abs().max().item() if y.numel() else 0.0
+    assert err <= tol, f"max abs error {err:.3g} > tolerance {tol:.3g}"
+    assert all(r[name]["bitwise"] for r in per_rank), "second forward differs"
+    # Each rank holds exactly its placement's experts, and counted what it sent.
+    emap = epmoe.expert_map(cfg.num_experts, world, cfg.placement)
+    for rank, r in enumerate(per_rank):
+        assert r[name]["local"] == emap.experts_on(rank)
+        s = r[name]["stats"]
+        assert s.tokens == counts[rank] and sum(s.tokens_per_expert) == counts[rank] * cfg.top_k
+        assert [per_rank[j][name]["stats"].send_rows[rank] for j in range(world)] == s.recv_rows
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_token_sent_once_per_rank(world: int):
+    """top_k = E: every token needs every rank, and goes to each exactly once."""
+    cfg, x, counts, _ = case_inputs("topk_all", world)
+    for rank, r in enumerate(results(world)):
+        assert r["topk_all"]["stats"].send_rows == [counts[rank]] * world
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_ep_gradients_match_reference(world: int):
+    cfg, x, counts, weights = case_inputs("grad", world)
+    per_rank = [r["grad"] for r in results(world)]
+    leaves = [w.clone().requires_grad_(True) for w in weights]
+    xr = x.clone().requires_grad_(True)
+    y = epmoe.reference_moe(xr, *leaves, cfg)
+    probe = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    (y * probe).sum().backward()
+
+    def close(a, b, what):
+        tol = 1e-5 * max(b.abs().max().item(), 1e-6)
+        assert (a - b).abs().max().item() <= tol, what
+
+    close(torch.cat([r["x_grad"] for r in per_rank]), xr.grad, "input gradient")
+    # The router is replicated and not yet averaged: its gradients add up over ranks.
+    close(sum(r["router_grad"] for r in per_rank), leaves[0].grad, "router gradient")
+    for r in per_rank:
+        idx = list(r["local"])
+        close(r["w_gate_grad"], leaves[1].grad[idx], "w_gate gradient")
+        close(r["w_up_grad"], leaves[2].grad[idx], "w_up gradient")
+        close(r["w_down_grad"], leaves[3].grad[idx], "w_down gradient")
