@@ -54,6 +54,9 @@ class ExpertParallelMoE(nn.Module):
         self.state = state
         self.collect_stats = collect_stats  # fill self.last_stats on every forward
         self.last_stats: MoEStats | None = None
+        # Token rows sent to each EP rank over all forwards (the entry for self stays
+        # local). Free to keep: the split sizes are on the host for the all-to-all anyway.
+        self.rows_sent: list[int] = [0] * state.ep_size
         self.expert_map = expert_map(config.num_experts, state.ep_size, config.placement)
         self.local_experts: tuple[int, ...] = self.expert_map.experts_on(state.ep_rank)
 
@@ -131,6 +134,8 @@ class ExpertParallelMoE(nn.Module):
 
         y_TH = combine(partial_NH, handle)
         timer.lap("combine")
+
+        self.rows_sent = [a + b for a, b in zip(self.rows_sent, handle.send_splits, strict=True)]
 
         if self.collect_stats:
             self.last_stats = self._stats(x_TH, ids_TK, handle, counts, timer.seconds)

@@ -161,6 +161,11 @@ def init_distributed(
     group_layout(world_size, ep)  # validates ep before any collective
 
     enough_gpus = torch.cuda.is_available() and torch.cuda.device_count() >= local_world_size
+    if dist.is_initialized():  # the caller started the world: take its backend as it is
+        backend = backend or dist.get_backend()
+        if backend != dist.get_backend():
+            raise ValueError(f"backend={backend!r}, but the process group already runs "
+                             f"{dist.get_backend()!r}")
     if backend is None:
         backend = "nccl" if enough_gpus and not force_cpu else "gloo"
     elif backend == "nccl" and (force_cpu or not enough_gpus):

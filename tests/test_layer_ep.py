@@ -77,7 +77,8 @@ def _worker(world: int) -> dict:
             y1 = layer(x)
             stats = layer.last_stats
             y2 = layer(x)
-        out[name] = dict(y=y1, bitwise=torch.equal(y1, y2), stats=stats, local=layer.local_experts)
+        out[name] = dict(y=y1, bitwise=torch.equal(y1, y2), stats=stats, local=layer.local_experts,
+                         rows_sent=layer.rows_sent)
     return out
 
 
@@ -113,6 +114,7 @@ def test_ep_matches_reference(world: int, name: str):
         s = r[name]["stats"]
         assert s.tokens == counts[rank] and sum(s.tokens_per_expert) == counts[rank] * cfg.top_k
         assert [per_rank[j][name]["stats"].send_rows[rank] for j in range(world)] == s.recv_rows
+        assert r[name]["rows_sent"] == [2 * n for n in s.send_rows]  # two forwards
 
 
 @pytest.mark.parametrize("world", [2, 4])

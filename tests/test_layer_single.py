@@ -23,6 +23,7 @@ def test_single_process_layer_is_reference_and_counts_what_it_sent():
     assert s.dispatch_bytes == [10 * (8 * 4 + 2 * 2 * 4)]
     assert m.expert_weight_bytes() == 4 * 3 * 8 * 16 * 4
     assert m(x[:0]).shape == (0, 8)
+    assert m.rows_sent == [10]  # every forward adds the rows it sent
 
 
 def test_stats_off_by_default():

@@ -142,3 +142,13 @@ def _timeout_worker() -> float:
 def test_a_collective_is_bounded_by_the_timeout():
     waited = run_ranks(_timeout_worker, 2, deadline_s=60)[0]
     assert 2.5 <= waited <= 8.0, waited
+
+
+def _preinitialised_worker() -> tuple:
+    dist.init_process_group("gloo")  # the caller started the world itself
+    s = epmoe.init_distributed(force_cpu=True, timeout_s=30)
+    return s.backend, s.ep_size, s.device.type
+
+
+def test_init_joins_a_process_group_the_caller_started():
+    assert run_ranks(_preinitialised_worker, 2) == [("gloo", 2, "cpu")] * 2
