@@ -163,19 +163,10 @@ def _run(state: epmoe.ParallelState, cfg: epmoe.MoEConfig, tokens: int, seed: in
 
 
 def check(cfg: epmoe.MoEConfig, x, y, weights) -> bool:
-    if cfg.dtype == torch.float32:
-        ref32, ref_low = epmoe.reference_moe(x, *weights, cfg), None
-    else:
-        ref32 = epmoe.reference_moe(x.float(), *(w.float() for w in weights),
-                                    cfg.replace(dtype=torch.float32))
-        ref_low = epmoe.reference_moe(x, *weights, cfg)
-    tol = epmoe.reference_tolerance(ref32, ref_low, cfg.dtype)
-    err = float((y.float() - ref32).abs().max()) if y.numel() else 0.0
-    ok = err <= tol
+    result = epmoe.compare_to_reference(y, x, *weights, cfg)
     print(f"\nCheck: EP output vs reference_moe on all {x.shape[0]} tokens of the EP group: "
-          f"max abs error {err:.3g} (tolerance {tol:.3g}) -> {'PASS' if ok else 'FAIL'}",
-          flush=True)
-    return ok
+          f"{result}", flush=True)
+    return result.ok
 
 
 if __name__ == "__main__":

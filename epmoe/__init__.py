@@ -22,11 +22,13 @@ from .parallel_state import (
     single_process_state,
 )
 from .placement import ExpertMap, expert_map
-from .reference import full_weights, reference_moe, reference_tolerance
+from .reference import Comparison, compare_to_reference, full_weights, reference_moe
 from .router import route
 from .stats import MoEStats
 
 __all__ = [
+    "Comparison",
+    "compare_to_reference",
     "DispatchHandle",
     "ExpertMap",
     "ExpertParallelMoE",
@@ -45,7 +47,6 @@ __all__ = [
     "init_distributed",
     "parse_dtype",
     "reference_moe",
-    "reference_tolerance",
     "route",
     "single_process_state",
 ]

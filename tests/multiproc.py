@@ -92,7 +92,8 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, deadline_s: float 
     for r in range(world):
         if r not in got:
             code = procs[r].exitcode
-            failures[r] = f"no result within {deadline_s:.0f} s (exit code {code})"
+            failures[r] = (f"exited with code {code} before sending a result" if code is not None
+                           and code >= 0 else f"no result within {deadline_s:.0f} s (killed)")
     if failures and not allow_failures:
         raise RankFailed(failures)
     return [got[r][1] if r in got else failures[r] for r in range(world)]
