@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 import epmoe
+from epmoe.stats import PHASES
 
 
 def print0(state: epmoe.ParallelState, *args) -> None:
@@ -138,8 +139,7 @@ def _run(state: epmoe.ParallelState, cfg: epmoe.MoEConfig, tokens: int, seed: in
                          "experts ms", "combine ms"],
                         [[r, sum(o["recv"]), sum(b for j, b in enumerate(o["combine"])
                                                  if j != r % G)]
-                         + [f"{1e3 * o['seconds'][p]:.2f}" for p in
-                            ("router", "dispatch", "experts", "combine")]
+                         + [f"{1e3 * o['seconds'][p]:.2f}" for p in PHASES]
                          for r, o in enumerate(rows)]))
 
     # Memory and the check against the reference, on rank 0.
