@@ -143,8 +143,9 @@ def _run(state: epmoe.ParallelState, cfg: epmoe.MoEConfig, tokens: int, seed: in
                          for r, o in enumerate(rows)]))
 
     # Memory and the check against the reference, on rank 0.
-    x_all, _ = epmoe.all_gather_v(x, state.ep_group)
-    y_all, _ = epmoe.all_gather_v(y, state.ep_group)
+    with torch.no_grad():
+        x_all, splits = epmoe.all_gather_v(x, state.ep_group)
+        y_all, _ = epmoe.all_gather_v(y, state.ep_group)
     verdict = [None]
     if state.rank == 0:
         full = epmoe.full_weights(cfg, seed)
@@ -156,14 +157,14 @@ def _run(state: epmoe.ParallelState, cfg: epmoe.MoEConfig, tokens: int, seed: in
         most = max(o["mem"] for o in rows)
         print0(state, f"    full replica: {mib(full_bytes)} -> {full_bytes / most:.2f}x less "
                       f"on the fullest rank (EP={G})")
-        verdict = [check(cfg, x_all.cpu(), y_all.cpu(), full)]
+        verdict = [check(cfg, x_all.cpu(), y_all.cpu(), full, splits)]
     if W > 1:
         dist.broadcast_object_list(verdict, src=0)
     return verdict[0]
 
 
-def check(cfg: epmoe.MoEConfig, x, y, weights) -> bool:
-    result = epmoe.compare_to_reference(y, x, *weights, cfg)
+def check(cfg: epmoe.MoEConfig, x, y, weights, splits: list[int] | None = None) -> bool:
+    result = epmoe.compare_to_reference(y, x, *weights, cfg, splits=splits)
     print(f"\nCheck: EP output vs reference_moe on all {x.shape[0]} tokens of the EP group: "
           f"{result}", flush=True)
     return result.ok

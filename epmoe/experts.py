@@ -103,12 +103,13 @@ def local_experts_forward(
     x_MH = x_NH[pair_M // k]  # copy: rows gathered into expert order
     outs, start = [], 0
     for e, n in enumerate(counts):  # loop over experts, not tokens
-        if n:
-            xs = x_MH[start : start + n]
-            outs.append(expert_mlp(xs, w_gate_eFH[e], w_up_eFH[e], w_down_eHF[e], activation))
+        # Empty slices run too: every rank's graph then has the same shape, so
+        # every rank joins the same collectives in backward (see all_to_all_v).
+        xs = x_MH[start : start + n]
+        outs.append(expert_mlp(xs, w_gate_eFH[e], w_up_eFH[e], w_down_eHF[e], activation))
         start += n
     H = x_NH.shape[1]
-    y_MH = torch.cat(outs) if outs else x_NH.new_zeros((0, H))
+    y_MH = torch.cat(outs)
     weighted_MH = y_MH.float() * weights_NK.flatten()[pair_M].float().unsqueeze(1)
     # Scatter back to (row, slot) positions, then sum the k slots in a fixed order:
     # unique indices and a plain sum keep this deterministic on every device.

@@ -149,8 +149,9 @@ def init_distributed(
                 "(no RANK/WORLD_SIZE in the environment); start it with "
                 f"torchrun --nproc_per_node={ep_size} ..."
             )
-        if backend == "nccl" and not torch.cuda.is_available():
-            raise ValueError("backend='nccl' needs CUDA, which is not available here")
+        if backend == "nccl" and (force_cpu or not torch.cuda.is_available()):
+            raise ValueError("backend='nccl' needs CUDA" + (" and force_cpu=False" if force_cpu
+                             else ", which is not available here") + "; use 'gloo' or None")
         return single_process_state(_pick_device(force_cpu or backend == "gloo", 0), timeout_s)
 
     rank = int(os.environ["RANK"])
@@ -274,7 +275,23 @@ def all_to_all_v(
                          f"{sum(send_splits)}")
     if _group_size(group) == 1:
         return x
-    return _AllToAllV.apply(x, list(send_splits), list(recv_splits), group)
+    return _AllToAllV.apply(_joins_backward(x), list(send_splits), list(recv_splits), group)
+
+
+def _joins_backward(x: Tensor) -> Tensor:
+    """Make sure this rank runs the collective's backward whenever its peers might.
+
+    Whether a collective runs in backward depends on each rank's own graph: a
+    rank whose input needs no gradient (no tokens, a frozen router) would skip
+    the backward all-to-all that its peers wait in. Under grad mode every
+    floating-point input therefore enters as a leaf that requires grad, and
+    every rank runs the same collectives in the same order. ``loss.backward()``
+    reaches these leaves; ``torch.autograd.grad(loss, inputs)`` must name the
+    same inputs on every rank.
+    """
+    if torch.is_grad_enabled() and x.is_floating_point() and not x.requires_grad:
+        return x.detach().requires_grad_(True)
+    return x
 
 
 def exchange_counts(send_counts: Tensor, group: dist.ProcessGroup | None) -> Tensor:
@@ -296,7 +313,7 @@ class _AllGatherV(torch.autograd.Function):
     def forward(ctx, x: Tensor, sizes: list[int], group) -> Tensor:
         ctx.sizes, ctx.group = sizes, group
         rank, longest = dist.get_rank(group), max(sizes)
-        # Pad to the longest: all_gather needs equal shapes (a copy of x when uneven).
+        # Pad to the longest: all_gather needs equal shapes (costs one copy of x).
         padded = x.new_zeros((longest, *x.shape[1:]))
         padded[: sizes[rank]] = x
         parts = [torch.empty_like(padded) for _ in sizes]
@@ -325,4 +342,4 @@ def all_gather_v(x: Tensor, group: dist.ProcessGroup | None) -> tuple[Tensor, li
     got = [torch.empty_like(n) for _ in range(_group_size(group))]
     dist.all_gather(got, n, group=group)
     sizes = [int(t.item()) for t in got]  # NOTE: host sync (needed to size the buffers)
-    return _AllGatherV.apply(x, sizes, group), sizes
+    return _AllGatherV.apply(_joins_backward(x), sizes, group), sizes

@@ -77,9 +77,14 @@ class Comparison:
 
 def compare_to_reference(
     y: Tensor, x: Tensor, router_weight: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor,
-    config: MoEConfig,
+    config: MoEConfig, splits: list[int] | None = None,
 ) -> Comparison:
     """Check a layer's output ``y [T, H]`` for ``x [T, H]`` against :func:`reference_moe`.
+
+    ``splits``: when ``x`` is several ranks' tokens concatenated, the rows of
+    each rank; the reference then runs per block, as each rank routed its own
+    batch. (A matrix product's last bits depend on its batch, and a near-tie
+    in the router could otherwise pick a different expert here than there.)
 
     fp32: every token within 1e-5 of the output scale (max |y_ref|). Lower
     precision: the reference runs in fp32 on the same (rounded) inputs and
@@ -88,15 +93,21 @@ def compare_to_reference(
     place of the scale. (A token whose top-k flips under rounding is off by a
     lot in both; every other token must stay close.)
     """
-    f32 = config.replace(dtype=torch.float32)
-    ref = reference_moe(x.float(), *(w.float() for w in (router_weight, w_gate, w_up, w_down)),
-                        f32)
+    weights = (router_weight, w_gate, w_up, w_down)
+    blocks = list(x.split(splits if splits is not None else [x.shape[0]]))
+
+    def ref_in(dtype: torch.dtype) -> Tensor:
+        c = config.replace(dtype=dtype)
+        outs = [reference_moe(b.to(dtype), *(w.to(dtype) for w in weights), c) for b in blocks]
+        return torch.cat(outs).float() if outs else x.new_zeros(x.shape, dtype=torch.float32)
+
+    ref = ref_in(torch.float32)
     err_T = (y.float() - ref).abs().amax(dim=1) if y.numel() else ref.new_zeros(y.shape[0])
     scale = max(float(ref.abs().max()) if ref.numel() else 0.0, 1e-6)
     if config.dtype == torch.float32:
         tol_T = torch.full_like(err_T, 1e-5 * scale)
     else:
-        low = reference_moe(x, router_weight, w_gate, w_up, w_down, config).float()
+        low = ref_in(config.dtype)
         own_T = (low - ref).abs().amax(dim=1) if low.numel() else torch.zeros_like(err_T)
         tol_T = 2.0 * own_T + torch.finfo(config.dtype).eps * scale
     if err_T.numel() == 0:

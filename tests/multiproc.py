@@ -79,11 +79,13 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, deadline_s: float 
                 if all(not p.is_alive() for p in procs) and results.empty():
                     break
     finally:
-        for p in procs:
+        killed = set()
+        for r, p in enumerate(procs):
             p.join(timeout=5)
             if p.is_alive():
                 p.kill()
                 p.join()
+                killed.add(r)
     import torch
 
     failures = {r: v for r, (ok, v) in got.items() if not ok}
@@ -92,8 +94,9 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, deadline_s: float 
     for r in range(world):
         if r not in got:
             code = procs[r].exitcode
-            failures[r] = (f"exited with code {code} before sending a result" if code is not None
-                           and code >= 0 else f"no result within {deadline_s:.0f} s (killed)")
+            failures[r] = (f"no result within {deadline_s:.0f} s (killed by the harness)"
+                           if r in killed else f"ended without a result, exit code {code}"
+                           + (f" (signal {-code})" if code is not None and code < 0 else ""))
     if failures and not allow_failures:
         raise RankFailed(failures)
     return [got[r][1] if r in got else failures[r] for r in range(world)]

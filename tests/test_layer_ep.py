@@ -16,7 +16,9 @@ from multiproc import run_ranks
 import epmoe
 
 H, F_ = 32, 48
-# name -> (config overrides, tokens per rank (rank r takes counts[r]), special)
+# name -> (config overrides, tokens per rank (rank r takes counts[r]), flags)
+# flags: "hot" every token's first choice is the last expert; "grad" backward too;
+# "frozen" (with grad) router frozen and inputs without grad: only expert gradients.
 CASES: dict[str, tuple[dict, list[int], str]] = {
     "base": (dict(num_experts=8, top_k=2), [13, 7, 0, 21], ""),
     "uneven_round_robin": (dict(num_experts=7, top_k=3, placement="round_robin"),
@@ -33,6 +35,9 @@ CASES: dict[str, tuple[dict, list[int], str]] = {
     "one_expert_top2": (dict(num_experts=8, top_k=2), [16, 3, 0, 16], "hot"),
     "bf16": (dict(num_experts=8, top_k=2, dtype="bfloat16"), [32, 16, 8, 24], ""),
     "grad": (dict(num_experts=6, top_k=2), [7, 0, 12, 5], "grad"),
+    # all tokens to one expert: every rank but the last receives nothing
+    "grad_hot_top1": (dict(num_experts=4, top_k=1), [6, 3, 0, 5], "grad hot"),
+    "grad_frozen_router": (dict(num_experts=5, top_k=1), [0, 4, 6, 2], "grad hot frozen"),
 }
 WORLDS = [1, 2, 3, 4]
 
@@ -45,7 +50,7 @@ def case_inputs(name: str, world: int):
     gen = torch.Generator().manual_seed(1000 + sum(map(ord, name)))
     x = torch.randn(sum(counts), H, generator=gen)
     router, gate, up, down = epmoe.full_weights(cfg, seed=7)
-    if special == "hot":  # every token's first choice is the last expert (on the last rank)
+    if "hot" in special:  # every token's first choice is the last expert (on the last rank)
         x = x.abs() + 0.1
         router = 0.01 * torch.randn(cfg.num_experts, H, generator=gen)
         router[-1] = 5.0
@@ -63,12 +68,19 @@ def _worker(world: int) -> dict:
         x = x_all[start : start + counts[state.rank]].clone()
         layer = epmoe.ExpertParallelMoE(cfg, state, collect_stats=True)
         layer.load_full_weights(*weights)
-        if CASES[name][2] == "grad":
-            x.requires_grad_(True)
+        flags = CASES[name][2]
+        if "grad" in flags:
+            if "frozen" in flags:  # a rank without tokens passes a plain empty tensor
+                layer.router_weight.requires_grad_(False)
+                x = x if x.shape[0] else torch.empty(0, H)
+            else:
+                x.requires_grad_(True)
             y = layer(x)
             r = torch.Generator().manual_seed(5)
             probe = torch.randn(x_all.shape, generator=r)[start : start + x.shape[0]]
             (y * probe).sum().backward()
+            with torch.no_grad():  # ranks still in step after backward
+                layer(torch.ones(1, H))
             out[name] = dict(y=y.detach(), x_grad=x.grad, router_grad=layer.router_weight.grad,
                              local=layer.local_experts, w_gate_grad=layer.w_gate.grad,
                              w_up_grad=layer.w_up.grad, w_down_grad=layer.w_down.grad)
@@ -88,16 +100,17 @@ def results(world: int) -> list[dict]:
 
 
 @pytest.mark.parametrize("world", WORLDS)
-@pytest.mark.parametrize("name", [n for n in CASES if CASES[n][2] != "grad"])
+@pytest.mark.parametrize("name", [n for n in CASES if "grad" not in CASES[n][2]])
 def test_ep_matches_reference(world: int, name: str):
     cfg, x, counts, weights = case_inputs(name, world)
     per_rank = results(world)
     y = torch.cat([r[name]["y"] for r in per_rank])
     assert y.shape == x.shape and y.dtype == cfg.dtype
-    result = epmoe.compare_to_reference(y, x, *weights, cfg)
+    # The reference routes each rank's block of tokens as that rank did.
+    result = epmoe.compare_to_reference(y, x, *weights, cfg, splits=counts)
     assert result.ok, str(result)
     if cfg.dtype == torch.float32 and y.numel():  # the same bound, spelled out
-        ref = epmoe.reference_moe(x, *weights, cfg)
+        ref = torch.cat([epmoe.reference_moe(b, *weights, cfg) for b in x.split(counts)])
         assert (y - ref).abs().max() <= 1e-5 * max(ref.abs().max(), 1e-6)
     assert all(r[name]["bitwise"] for r in per_rank), "second forward differs"
     # Each rank holds exactly its placement's experts, and counted what it sent.
@@ -118,25 +131,38 @@ def test_token_sent_once_per_rank(world: int):
         assert r["topk_all"]["stats"].send_rows == [counts[rank]] * world
 
 
+GRAD_CASES = [n for n in CASES if "grad" in CASES[n][2]]
+
+
 @pytest.mark.parametrize("world", WORLDS)
-def test_ep_gradients_match_reference(world: int):
-    cfg, x, counts, weights = case_inputs("grad", world)
-    per_rank = [r["grad"] for r in results(world)]
-    leaves = [w.clone().requires_grad_(True) for w in weights]
-    xr = x.clone().requires_grad_(True)
-    y = epmoe.reference_moe(xr, *leaves, cfg)
+@pytest.mark.parametrize("name", GRAD_CASES)
+def test_ep_gradients_match_reference(world: int, name: str):
+    cfg, x, counts, weights = case_inputs(name, world)
+    frozen = "frozen" in CASES[name][2]
+    per_rank = [r[name] for r in results(world)]
+    leaves = [w.clone().requires_grad_(not (frozen and i == 0)) for i, w in enumerate(weights)]
+    xr = x.clone().requires_grad_(not frozen)
+    y = torch.cat([epmoe.reference_moe(b, *leaves, cfg) for b in xr.split(counts)])
     probe = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
-    (y * probe).sum().backward()
+    if y.requires_grad:  # (no token at all reaches an expert: nothing to differentiate)
+        (y * probe).sum().backward()
+    grads = [w.grad if w.grad is not None else torch.zeros_like(w) for w in leaves]
 
     def close(a, b, what):
-        tol = 1e-5 * max(b.abs().max().item(), 1e-6)
-        assert (a - b).abs().max().item() <= tol, what
+        assert a.shape == b.shape, what
+        if b.numel():
+            tol = 1e-5 * max(b.abs().max().item(), 1e-6)
+            assert (a - b).abs().max().item() <= tol, what
 
-    close(torch.cat([r["x_grad"] for r in per_rank]), xr.grad, "input gradient")
-    # The router is replicated and not yet averaged: its gradients add up over ranks.
-    close(sum(r["router_grad"] for r in per_rank), leaves[0].grad, "router gradient")
+    close(torch.cat([r["y"] for r in per_rank]), y.detach(), "output")
+    if frozen:
+        assert all(r["x_grad"] is None and r["router_grad"] is None for r in per_rank)
+    else:
+        close(torch.cat([r["x_grad"] for r in per_rank]), xr.grad, "input gradient")
+        # The router is replicated and not yet averaged: its gradients add up over ranks.
+        close(sum(r["router_grad"] for r in per_rank), grads[0], "router gradient")
     for r in per_rank:
         idx = list(r["local"])
-        close(r["w_gate_grad"], leaves[1].grad[idx], "w_gate gradient")
-        close(r["w_up_grad"], leaves[2].grad[idx], "w_up gradient")
-        close(r["w_down_grad"], leaves[3].grad[idx], "w_down gradient")
+        close(r["w_gate_grad"], grads[1][idx], "w_gate gradient")
+        close(r["w_up_grad"], grads[2][idx], "w_up gradient")
+        close(r["w_down_grad"], grads[3][idx], "w_down gradient")
