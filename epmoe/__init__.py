@@ -9,12 +9,14 @@ Public API::
 """
 
 from .config import MoEConfig, parse_dtype
-from .dispatch import DispatchHandle, combine, dispatch
-from .moe import ExpertParallelMoE
+from .dispatch import DispatchHandle, combine, dispatch, dispatch_start
+from .moe import ExpertParallelMoE, optional_weight_shapes
 from .parallel_state import (
     ParallelState,
+    PendingAllToAll,
     all_gather_v,
     all_to_all_v,
+    all_to_all_v_start,
     destroy_distributed,
     exchange_counts,
     group_layout,
@@ -22,7 +24,13 @@ from .parallel_state import (
     single_process_state,
 )
 from .placement import ExpertMap, expert_map
-from .reference import Comparison, compare_to_reference, full_weights, reference_moe
+from .reference import (
+    Comparison,
+    compare_to_reference,
+    full_optional_weights,
+    full_weights,
+    reference_moe,
+)
 from .router import route
 from .stats import MoEStats
 
@@ -35,16 +43,21 @@ __all__ = [
     "MoEConfig",
     "MoEStats",
     "ParallelState",
+    "PendingAllToAll",
     "all_gather_v",
     "all_to_all_v",
+    "all_to_all_v_start",
     "combine",
     "destroy_distributed",
     "dispatch",
+    "dispatch_start",
     "exchange_counts",
     "expert_map",
+    "full_optional_weights",
     "full_weights",
     "group_layout",
     "init_distributed",
+    "optional_weight_shapes",
     "parse_dtype",
     "reference_moe",
     "route",

@@ -1,4 +1,9 @@
-"""The MoE layer's configuration: one frozen, validated dataclass."""
+"""The MoE layer's configuration: one frozen, validated dataclass.
+
+The fields after ``placement`` describe the routers and experts of real model
+families; their defaults give the plain Mixtral-style layer. Each family's
+settings, as read from a Hugging Face config, are in ``epmoe.hf.families``.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,9 @@ import torch
 __all__ = ["MoEConfig", "parse_dtype"]
 
 SCORINGS = ("softmax", "sigmoid")
-ACTIVATIONS = ("silu", "gelu")
+ACTIVATIONS = ("silu", "gelu", "clamped_swiglu")
 PLACEMENTS = ("linear", "round_robin")
+GROUP_SCORINGS = ("top2_sum", "max")
 
 # Names accepted for `dtype`, besides a torch.dtype itself.
 _DTYPES = {
@@ -42,7 +48,7 @@ class MoEConfig:
 
     Each token's router scores pick ``top_k`` of ``num_experts`` experts; the
     token's output is the weighted sum of their outputs,
-    ``down(act(gate(x)) * up(x))`` per expert.
+    ``down(act(gate(x)) * up(x))`` per expert, plus the shared expert if any.
     """
 
     hidden_size: int  # H: model dimension of the tokens
@@ -51,15 +57,41 @@ class MoEConfig:
     top_k: int = 2  # k: experts chosen per token
     scoring: str = "softmax"  # router scores: "softmax" over experts, or "sigmoid" per expert
     renormalize: bool = True  # rescale the k chosen weights to sum to 1 (Mixtral: True)
-    activation: str = "silu"  # "silu": SwiGLU experts; "gelu": gated GELU (exact erf GELU)
+    activation: str = "silu"  # "silu": SwiGLU; "gelu": gated exact GELU; "clamped_swiglu": GPT-OSS
     dtype: torch.dtype = torch.float32  # weights, tokens and outputs; a name is accepted too
     placement: str = "linear"  # experts to ranks: "linear" (contiguous blocks) or "round_robin"
 
+    # --- routers of the model families ---
+    router_bias: bool = False  # logits = x W^T + b (GPT-OSS)
+    router_fp32: bool = False  # router weight kept and logits computed in fp32 (DeepSeek)
+    score_correction_bias: bool = False  # per-expert bias added to the scores only to choose
+    #                                      experts, never to weight them (DeepSeek-V3)
+    n_group: int = 1  # group-limited routing: experts form n_group equal groups ...
+    topk_group: int = 1  # ... and each token chooses only within its best topk_group groups
+    group_scoring: str = "top2_sum"  # a group's score: "top2_sum" of its two best (DeepSeek-V3,
+    #                                  others masked to -inf) or its "max" (V2, masked to 0)
+    routed_scaling_factor: float = 1.0  # routed experts' weights scaled by this (DeepSeek)
+
+    # --- experts ---
+    expert_bias: bool = False  # biases on every expert's gate, up and down projections (GPT-OSS)
+    swiglu_alpha: float = 1.702  # clamped_swiglu: out = (up + 1) * gate * sigmoid(alpha * gate)
+    swiglu_limit: float = 7.0  # clamped_swiglu: gate <= limit, -limit <= up <= limit
+
+    # --- shared experts: every token, on its own rank ---
+    shared_intermediate_size: int = 0  # 0: none; else the shared MLP's F (all shared experts)
+    shared_expert_gate: bool = False  # scale the shared output by sigmoid(x w^T), w [1, H]
+    overlap_shared: bool = True  # run the shared expert while the dispatch all-to-all travels
+
     def __post_init__(self) -> None:
-        for name in ("hidden_size", "intermediate_size", "num_experts", "top_k"):
+        for name in ("hidden_size", "intermediate_size", "num_experts", "top_k", "n_group",
+                     "topk_group"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"MoEConfig.{name} must be a positive int, got {value!r}")
+        s = self.shared_intermediate_size
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise ValueError(f"MoEConfig.shared_intermediate_size must be an int >= 0 "
+                             f"(0: no shared expert), got {s!r}")
         if self.top_k > self.num_experts:
             raise ValueError(
                 f"MoEConfig.top_k={self.top_k} must be <= num_experts={self.num_experts} "
@@ -68,13 +100,46 @@ class MoEConfig:
         _check_choice("scoring", self.scoring, SCORINGS)
         _check_choice("activation", self.activation, ACTIVATIONS)
         _check_choice("placement", self.placement, PLACEMENTS)
-        if not isinstance(self.renormalize, bool):
-            raise ValueError(f"MoEConfig.renormalize must be a bool, got {self.renormalize!r}")
+        _check_choice("group_scoring", self.group_scoring, GROUP_SCORINGS)
+        for name in ("renormalize", "router_bias", "router_fp32", "score_correction_bias",
+                     "expert_bias", "shared_expert_gate", "overlap_shared"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"MoEConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        for name in ("routed_scaling_factor", "swiglu_alpha", "swiglu_limit"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ValueError(f"MoEConfig.{name} must be a number > 0, got {value!r}")
+        self._check_groups()
+        if self.shared_expert_gate and not self.shared_intermediate_size:
+            raise ValueError("MoEConfig.shared_expert_gate=True needs a shared expert "
+                             "(shared_intermediate_size > 0)")
         try:
             dtype = parse_dtype(self.dtype)
         except ValueError as e:
             raise ValueError(f"MoEConfig.{e}") from None
         object.__setattr__(self, "dtype", dtype)  # normalise a name to the torch.dtype
+
+    def _check_groups(self) -> None:
+        E, G, g = self.num_experts, self.n_group, self.topk_group
+        if E % G:
+            divisors = [d for d in range(1, E + 1) if E % d == 0]
+            raise ValueError(f"MoEConfig.n_group={G} must divide num_experts={E}; "
+                             f"allowed: {divisors}")
+        if g > G:
+            raise ValueError(f"MoEConfig.topk_group={g} must be <= n_group={G}")
+        if G > 1 and self.top_k > g * (E // G):
+            raise ValueError(
+                f"MoEConfig.top_k={self.top_k} must be <= topk_group * (num_experts // n_group) "
+                f"= {g * (E // G)}: the experts of the chosen groups"
+            )
+        if G > 1 and self.group_scoring == "top2_sum" and E // G < 2:
+            raise ValueError(f"MoEConfig.group_scoring='top2_sum' needs >= 2 experts per group, "
+                             f"got num_experts // n_group = {E // G}")
+
+    @property
+    def router_dtype(self) -> torch.dtype:
+        """The dtype of the router weight and logits."""
+        return torch.float32 if self.router_fp32 else self.dtype
 
     def check_ep_size(self, ep_size: int) -> None:
         """Every rank of an EP group must hold at least one expert."""

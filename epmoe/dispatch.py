@@ -23,11 +23,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .parallel_state import all_to_all_v, exchange_counts
+from .parallel_state import PendingAllToAll, all_to_all_v, all_to_all_v_start, exchange_counts
 
 __all__ = [
-    "DispatchHandle", "combine", "dispatch", "pack_rows", "pair_hits", "plan_dispatch",
-    "sum_pairs",
+    "DispatchHandle", "PendingDispatch", "combine", "dispatch", "dispatch_start", "pack_rows",
+    "pair_hits", "plan_dispatch", "sum_pairs",
 ]
 
 
@@ -98,7 +98,20 @@ def pack_rows(
     return local_PK, w_PK
 
 
-def dispatch(
+class PendingDispatch:
+    """A dispatch whose all-to-alls are in flight; ``wait()`` returns what ``dispatch`` does."""
+
+    def __init__(self, x: PendingAllToAll, meta: PendingAllToAll, k: int,
+                 handle: DispatchHandle) -> None:
+        self._x, self._meta, self._k, self.handle = x, meta, k, handle
+
+    def wait(self) -> tuple[Tensor, Tensor, Tensor, DispatchHandle]:
+        x_NH, meta_NK2 = self._x.wait(), self._meta.wait()
+        k = self._k
+        return x_NH, meta_NK2[:, k:].long(), meta_NK2[:, :k], self.handle
+
+
+def dispatch_start(
     x_TH: Tensor,
     weights_TK: Tensor,
     expert_ids_TK: Tensor,
@@ -106,14 +119,16 @@ def dispatch(
     local_index_E: Tensor,
     group: dist.ProcessGroup | None,
     ep_size: int,
-) -> tuple[Tensor, Tensor, Tensor, DispatchHandle]:
-    """Send tokens to the ranks of their experts.
+) -> PendingDispatch:
+    """Send tokens to the ranks of their experts; returns before they arrive.
 
-    Returns ``(x_NH, local_ids_NK, weights_NK, handle)`` for the ``N_recv``
-    received rows: the token, and for each of its k slots the local expert id
-    on this rank (-1 if that expert lives elsewhere) and its fp32 weight.
-    Collectives: one count exchange, then two variable all-to-alls (tokens;
-    weights and ids packed together). Differentiable in ``x`` and ``weights``.
+    ``wait()`` on the result gives ``(x_NH, local_ids_NK, weights_NK, handle)``
+    for the ``N_recv`` received rows: the token, and for each of its k slots
+    the local expert id on this rank (-1 if that expert lives elsewhere) and its
+    fp32 weight. Collectives: one count exchange (waited for: the split sizes
+    are needed on the host), then two variable all-to-alls left in flight
+    (tokens; weights and ids packed together). Differentiable in ``x`` and
+    ``weights``.
     """
     T, k = expert_ids_TK.shape
     hits_TG = pair_hits(expert_ids_TK, owner_E, ep_size)
@@ -129,13 +144,27 @@ def dispatch(
     # Ids travel as fp32 beside the weights (exact below 2**24): one collective, not two.
     meta_PK2 = torch.cat([w_PK.float(), local_PK.float()], dim=1)  # [N_send, 2k]
 
-    x_NH = all_to_all_v(x_TH[send_token], send_splits, recv_splits, group)
-    meta_NK2 = all_to_all_v(meta_PK2, send_splits, recv_splits, group)
+    x_pending = all_to_all_v_start(x_TH[send_token], send_splits, recv_splits, group)
+    meta_pending = all_to_all_v_start(meta_PK2, send_splits, recv_splits, group)
     handle = DispatchHandle(
         num_tokens=T, num_slots=min(k, ep_size), send_token=send_token, send_slot=send_slot,
         send_splits=send_splits, recv_splits=recv_splits, group=group,
     )
-    return x_NH, meta_NK2[:, k:].long(), meta_NK2[:, :k], handle
+    return PendingDispatch(x_pending, meta_pending, k, handle)
+
+
+def dispatch(
+    x_TH: Tensor,
+    weights_TK: Tensor,
+    expert_ids_TK: Tensor,
+    owner_E: Tensor,
+    local_index_E: Tensor,
+    group: dist.ProcessGroup | None,
+    ep_size: int,
+) -> tuple[Tensor, Tensor, Tensor, DispatchHandle]:
+    """:func:`dispatch_start` and wait: ``(x_NH, local_ids_NK, weights_NK, handle)``."""
+    return dispatch_start(x_TH, weights_TK, expert_ids_TK, owner_E, local_index_E, group,
+                          ep_size).wait()
 
 
 def combine(partial_NH: Tensor, handle: DispatchHandle) -> Tensor:

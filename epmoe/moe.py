@@ -4,28 +4,57 @@ Every rank passes its own tokens through the four steps of expert parallelism:
 
 1. router   - replicated gate weight, scores and top-k per token (local);
 2. dispatch - each token travels once to every rank holding one of its experts;
+   the shared expert, if any, runs on the rank's own tokens meanwhile;
 3. experts  - each rank runs its local experts on what it received (local);
 4. combine  - partial outputs travel back and are summed in token order.
 
 Collectives happen only inside ``dispatch`` and ``combine`` (``epmoe.dispatch``).
 Shape legend: T = tokens on this rank, H = hidden size, F = intermediate size,
-E = experts (global), e = experts on this rank, k = top_k, G = EP ranks.
+Fs = shared-expert size, E = experts (global), e = experts on this rank,
+k = top_k, G = EP ranks.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import MoEConfig
-from .dispatch import combine, dispatch
-from .experts import init_expert, init_router, local_experts_forward
+from .dispatch import combine, dispatch_start
+from .experts import (
+    ExpertWeights,
+    expert_mlp,
+    gated_activation,
+    init_expert,
+    init_router,
+    init_shared,
+    local_experts_forward,
+)
 from .parallel_state import ParallelState
 from .placement import expert_map
 from .router import route
 from .stats import MoEStats, PhaseTimer
 
-__all__ = ["ExpertParallelMoE"]
+__all__ = ["ExpertParallelMoE", "optional_weight_shapes"]
+
+
+def optional_weight_shapes(config: MoEConfig) -> dict[str, tuple[int, ...]]:
+    """Full shapes of the weights a config adds to router, w_gate, w_up and w_down."""
+    E, H, Fi, Fs = config.num_experts, config.hidden_size, config.intermediate_size, \
+        config.shared_intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {}
+    if config.router_bias:
+        shapes["router_bias"] = (E,)
+    if config.score_correction_bias:
+        shapes["score_correction_bias"] = (E,)
+    if config.expert_bias:
+        shapes.update(b_gate=(E, Fi), b_up=(E, Fi), b_down=(E, H))
+    if Fs:
+        shapes.update(shared_gate=(Fs, H), shared_up=(Fs, H), shared_down=(H, Fs))
+    if config.shared_expert_gate:
+        shapes["shared_expert_gate"] = (1, H)
+    return shapes
 
 
 class ExpertParallelMoE(nn.Module):
@@ -34,10 +63,15 @@ class ExpertParallelMoE(nn.Module):
     Parameters: ``router_weight [E, H]`` (replicated), and the stacked local
     experts ``w_gate [e, F, H]``, ``w_up [e, F, H]``, ``w_down [e, H, F]`` in
     the orientation of a Hugging Face ``nn.Linear`` weight. ``local_experts``
-    lists their global ids, in that stacking order.
+    lists their global ids, in that stacking order. Configs may add
+    ``router_bias [E]``, the buffer ``score_correction_bias [E]``, expert biases
+    ``b_gate/b_up [e, F]`` and ``b_down [e, H]``, and a replicated shared expert
+    ``shared_gate/shared_up [Fs, H]``, ``shared_down [H, Fs]``,
+    ``shared_expert_gate [1, H]`` (see :func:`optional_weight_shapes`).
 
     ``forward(x [T, H]) -> [T, H]``; T may differ between ranks and may be 0,
     but every rank of the EP group must call forward together.
+    ``seed=None`` leaves the weights uninitialised, to be loaded.
     """
 
     def __init__(
@@ -45,7 +79,7 @@ class ExpertParallelMoE(nn.Module):
         config: MoEConfig,
         state: ParallelState,
         *,
-        seed: int = 0,
+        seed: int | None = 0,
         collect_stats: bool = False,
     ) -> None:
         super().__init__()
@@ -59,84 +93,119 @@ class ExpertParallelMoE(nn.Module):
         self.rows_sent: list[int] = [0] * state.ep_size
         self.expert_map = expert_map(config.num_experts, state.ep_size, config.placement)
         self.local_experts: tuple[int, ...] = self.expert_map.experts_on(state.ep_rank)
+        self._glu = gated_activation(config)
 
-        E, e = config.num_experts, len(self.local_experts)
+        e = len(self.local_experts)
         H, Fi = config.hidden_size, config.intermediate_size
-        kw = {"device": state.device, "dtype": config.dtype}
-        self.router_weight = nn.Parameter(torch.empty((E, H), **kw))
-        self.w_gate = nn.Parameter(torch.empty((e, Fi, H), **kw))
-        self.w_up = nn.Parameter(torch.empty((e, Fi, H), **kw))
-        self.w_down = nn.Parameter(torch.empty((e, H, Fi), **kw))
+        dev, dt = state.device, config.dtype
+        self.router_weight = nn.Parameter(torch.empty((config.num_experts, H), device=dev,
+                                                      dtype=config.router_dtype))
+        self.w_gate = nn.Parameter(torch.empty((e, Fi, H), device=dev, dtype=dt))
+        self.w_up = nn.Parameter(torch.empty((e, Fi, H), device=dev, dtype=dt))
+        self.w_down = nn.Parameter(torch.empty((e, H, Fi), device=dev, dtype=dt))
+        for name, shape in optional_weight_shapes(config).items():
+            if name in ("b_gate", "b_up", "b_down"):
+                shape = (e, *shape[1:])  # local experts only
+            if name == "score_correction_bias":  # not trained by the optimiser: a buffer
+                self.register_buffer(name, torch.empty(shape, device=dev, dtype=torch.float32))
+            else:
+                dtype = config.router_dtype if name == "router_bias" else dt
+                self.register_parameter(name, nn.Parameter(torch.empty(shape, device=dev,
+                                                                       dtype=dtype)))
         # Lookup tables of the placement, [E] each; not weights, so not in state_dict.
-        self.register_buffer("owner", self.expert_map.owner_tensor(state.device), persistent=False)
-        self.register_buffer(
-            "local_index", self.expert_map.local_index_tensor(state.device), persistent=False
-        )
-        self.reset_parameters(seed)
+        self.register_buffer("owner", self.expert_map.owner_tensor(dev), persistent=False)
+        self.register_buffer("local_index", self.expert_map.local_index_tensor(dev),
+                             persistent=False)
+        if seed is not None:
+            self.reset_parameters(seed)
+
+    def weight(self, name: str) -> Tensor | None:
+        """A parameter or buffer by name, ``None`` if this config has none."""
+        return getattr(self, name, None)
 
     @torch.no_grad()
     def reset_parameters(self, seed: int = 0) -> None:
         """Initialise from ``seed``, expert by expert equal to ``full_weights(config, seed)``."""
-        self.router_weight.copy_(init_router(self.config, seed))
+        for name, t in {**init_router(self.config, seed), **init_shared(self.config, seed)}.items():
+            getattr(self, name).copy_(t)
         for i, g in enumerate(self.local_experts):
-            gate, up, down = init_expert(self.config, seed, g)
-            self.w_gate[i].copy_(gate)
-            self.w_up[i].copy_(up)
-            self.w_down[i].copy_(down)
+            for name, t in zip(ExpertWeights._fields, init_expert(self.config, seed, g),
+                               strict=True):
+                if t is not None:
+                    getattr(self, name)[i].copy_(t)
 
     @torch.no_grad()
-    def load_full_weights(
-        self, router_weight: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor
-    ) -> None:
-        """Take the full ``[E, ...]`` weights and keep the router and this rank's experts.
+    def load_full_weights(self, router_weight: Tensor, w_gate: Tensor, w_up: Tensor,
+                          w_down: Tensor, **optional: Tensor) -> None:
+        """Take the full ``[E, ...]`` weights and keep the replicated ones and this rank's experts.
 
         Shapes: ``router_weight [E, H]``, ``w_gate [E, F, H]``, ``w_up [E, F, H]``,
-        ``w_down [E, H, F]``. Only this rank's slices are copied (and cast to
-        the config's dtype and the rank's device).
+        ``w_down [E, H, F]``, and by keyword the config's optional weights, full
+        size (:func:`optional_weight_shapes`). Only this rank's expert slices are
+        copied (and cast to the parameter's dtype and device).
         """
         c = self.config
         E, H, Fi = c.num_experts, c.hidden_size, c.intermediate_size
         want = {"router_weight": (E, H), "w_gate": (E, Fi, H), "w_up": (E, Fi, H),
-                "w_down": (E, H, Fi)}
-        given = {"router_weight": router_weight, "w_gate": w_gate, "w_up": w_up, "w_down": w_down}
+                "w_down": (E, H, Fi), **optional_weight_shapes(c)}
+        given = {"router_weight": router_weight, "w_gate": w_gate, "w_up": w_up,
+                 "w_down": w_down, **optional}
+        if set(given) != set(want):
+            raise ValueError(f"load_full_weights: this config takes {sorted(want)}; missing "
+                             f"{sorted(set(want) - set(given))}, unexpected "
+                             f"{sorted(set(given) - set(want))}")
         for name, t in given.items():
             if tuple(t.shape) != want[name]:
                 raise ValueError(f"load_full_weights: {name} has shape {tuple(t.shape)}, "
                                  f"expected {want[name]} for {c}")
-        self.router_weight.copy_(router_weight)
-        local = torch.tensor(self.local_experts, device=w_gate.device)
-        self.w_gate.copy_(w_gate.index_select(0, local))
-        self.w_up.copy_(w_up.index_select(0, local))
-        self.w_down.copy_(w_down.index_select(0, local))
+        for name, t in given.items():
+            if name in ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down"):
+                t = t.index_select(0, torch.tensor(self.local_experts, device=t.device))
+            getattr(self, name).copy_(t)
 
     def expert_weight_bytes(self) -> int:
-        """Bytes of expert weights this rank holds (the router is replicated, not counted)."""
-        return sum(p.numel() * p.element_size() for p in (self.w_gate, self.w_up, self.w_down))
+        """Bytes of routed-expert weights this rank holds (replicated weights not counted)."""
+        names = ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")
+        return sum(t.numel() * t.element_size() for n in names if (t := self.weight(n)) is not None)
+
+    def _experts(self) -> ExpertWeights:
+        return ExpertWeights(self.w_gate, self.w_up, self.w_down, self.weight("b_gate"),
+                             self.weight("b_up"), self.weight("b_down"))
+
+    def _shared(self, x_TH: Tensor) -> Tensor:
+        y_TH = expert_mlp(x_TH, self.shared_gate, self.shared_up, self.shared_down, self._glu)
+        if self.config.shared_expert_gate:  # Qwen2-MoE: a sigmoid gate per token
+            y_TH = torch.sigmoid(F.linear(x_TH, self.shared_expert_gate)) * y_TH
+        return y_TH
 
     def forward(self, x_TH: Tensor) -> Tensor:
         self._check_input(x_TH)
         c, s = self.config, self.state
+        has_shared = c.shared_intermediate_size > 0
         timer = PhaseTimer(self.collect_stats, s.device)
         timer.start()
 
-        weights_TK, ids_TK = route(x_TH, self.router_weight, c)
+        weights_TK, ids_TK = route(x_TH, self.router_weight, c, self.weight("router_bias"),
+                                   self.weight("score_correction_bias"))
         timer.lap("router")
 
-        x_NH, local_ids_NK, w_NK, handle = dispatch(
-            x_TH, weights_TK, ids_TK, self.owner, self.local_index, s.ep_group, s.ep_size
-        )
-        timer.lap("dispatch")
+        pending = dispatch_start(x_TH, weights_TK, ids_TK, self.owner, self.local_index,
+                                 s.ep_group, s.ep_size)
+        shared_TH = self._shared(x_TH) if has_shared and c.overlap_shared else None
+        x_NH, local_ids_NK, w_NK, handle = pending.wait()
+        timer.lap("dispatch")  # with overlap_shared, includes the shared expert
 
-        partial_NH, counts = local_experts_forward(
-            x_NH, local_ids_NK, w_NK, self.w_gate, self.w_up, self.w_down, c.activation
-        )
+        partial_NH, counts = local_experts_forward(x_NH, local_ids_NK, w_NK, self._experts(),
+                                                   self._glu)
         timer.lap("experts")
 
         y_TH = combine(partial_NH, handle)
         timer.lap("combine")
+        if has_shared:
+            y_TH = y_TH + (shared_TH if shared_TH is not None else self._shared(x_TH))
+            timer.lap("shared")  # ~0 when overlapped: only the addition
 
         self.rows_sent = [a + b for a, b in zip(self.rows_sent, handle.send_splits, strict=True)]
-
         if self.collect_stats:
             self.last_stats = self._stats(x_TH, ids_TK, handle, counts, timer.seconds)
         return y_TH
@@ -149,8 +218,8 @@ class ExpertParallelMoE(nn.Module):
         if x.dtype != c.dtype:
             raise ValueError(f"ExpertParallelMoE expects x of dtype {c.dtype} (config.dtype), "
                              f"got {x.dtype}")
-        if x.device != self.router_weight.device:
-            raise ValueError(f"ExpertParallelMoE expects x on {self.router_weight.device} "
+        if x.device != self.w_gate.device:
+            raise ValueError(f"ExpertParallelMoE expects x on {self.w_gate.device} "
                              f"(this rank's device), got {x.device}")
 
     def _stats(self, x_TH, ids_TK, handle, counts, seconds) -> MoEStats:

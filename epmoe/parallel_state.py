@@ -36,7 +36,9 @@ from torch import Tensor
 __all__ = [
     "ParallelState",
     "all_gather_v",
+    "PendingAllToAll",
     "all_to_all_v",
+    "all_to_all_v_start",
     "destroy_distributed",
     "exchange_counts",
     "group_layout",
@@ -243,17 +245,58 @@ def _all_to_all(x: Tensor, send: list[int], recv: list[int], group) -> Tensor:
     return out
 
 
-class _AllToAllV(torch.autograd.Function):
-    """Variable-split all-to-all; its backward is the all-to-all with the splits swapped."""
+class PendingAllToAll:
+    """An all-to-all in flight: ``wait()`` blocks until it lands and returns the result.
+
+    Local work placed between :func:`all_to_all_v_start` and ``wait()`` (the
+    shared expert, say) overlaps the transfer where the backend runs
+    collectives asynchronously (gloo's worker threads, NCCL's stream).
+    """
+
+    def __init__(self, x: Tensor, out: Tensor, work, send: list[int], recv: list[int],
+                 group) -> None:
+        self.x, self.out, self.work = x, out, work
+        self.send, self.recv, self.group = send, recv, group
+
+    def wait(self) -> Tensor:
+        if self.work is None:  # a group of one: nothing travelled
+            return self.out
+        self.work.wait()
+        return _AllToAllDone.apply(self.x, self)
+
+
+class _AllToAllDone(torch.autograd.Function):
+    """Ties a finished all-to-all into autograd: backward is the all-to-all with the
+    splits swapped (what each rank received goes back to where it came from)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, send: list[int], recv: list[int], group) -> Tensor:
-        ctx.send, ctx.recv, ctx.group = send, recv, group
-        return _all_to_all(x, send, recv, group)
+    def forward(ctx, x: Tensor, pending: PendingAllToAll) -> Tensor:
+        ctx.send, ctx.recv, ctx.group = pending.send, pending.recv, pending.group
+        return pending.out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return _all_to_all(grad, ctx.recv, ctx.send, ctx.group), None, None, None
+        return _all_to_all(grad, ctx.recv, ctx.send, ctx.group), None
+
+
+def all_to_all_v_start(
+    x: Tensor, send_splits: list[int], recv_splits: list[int], group: dist.ProcessGroup | None
+) -> PendingAllToAll:
+    """Start :func:`all_to_all_v` without waiting for it; see :class:`PendingAllToAll`."""
+    G = _group_size(group)
+    if len(send_splits) != G or len(recv_splits) != G:
+        raise ValueError(f"all_to_all_v needs one split per group rank ({G}), got "
+                         f"send={len(send_splits)} recv={len(recv_splits)}")
+    if x.shape[0] != sum(send_splits):
+        raise ValueError(f"all_to_all_v: x has {x.shape[0]} rows, send_splits sum to "
+                         f"{sum(send_splits)}")
+    if G == 1:
+        return PendingAllToAll(x, x, None, send_splits, recv_splits, group)
+    x = _joins_backward(x)
+    out = x.new_empty((sum(recv_splits), *x.shape[1:]))
+    work = dist.all_to_all_single(out, x.detach().contiguous(), list(recv_splits),
+                                  list(send_splits), group=group, async_op=True)
+    return PendingAllToAll(x, out, work, list(send_splits), list(recv_splits), group)
 
 
 def all_to_all_v(
@@ -265,17 +308,7 @@ def all_to_all_v(
     Differentiable. ``recv_splits`` must be what the peers send (see
     :func:`exchange_counts`).
     """
-    if len(send_splits) != _group_size(group) or len(recv_splits) != len(send_splits):
-        raise ValueError(
-            f"all_to_all_v needs one split per group rank ({_group_size(group)}), got "
-            f"send={len(send_splits)} recv={len(recv_splits)}"
-        )
-    if x.shape[0] != sum(send_splits):
-        raise ValueError(f"all_to_all_v: x has {x.shape[0]} rows, send_splits sum to "
-                         f"{sum(send_splits)}")
-    if _group_size(group) == 1:
-        return x
-    return _AllToAllV.apply(_joins_backward(x), list(send_splits), list(recv_splits), group)
+    return all_to_all_v_start(x, send_splits, recv_splits, group).wait()
 
 
 def _joins_backward(x: Tensor) -> Tensor:

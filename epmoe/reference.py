@@ -1,8 +1,9 @@
 """The single-device reference: a plain per-expert loop that tests and the demo trust.
 
-Written independently of the layer's router, dispatch and expert code, so that
-comparing the two checks them. Shape legend: T tokens, H hidden, F
-intermediate, E experts, k top_k.
+Written independently of the layer's dispatch and expert code, so that
+comparing the two checks them (routing reuses :func:`epmoe.route`, which has
+its own hand-worked tests). Shape legend: T tokens, H hidden, F intermediate,
+Fs shared intermediate, E experts, k top_k.
 """
 
 from __future__ import annotations
@@ -14,18 +15,36 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import MoEConfig
-from .experts import init_expert, init_router
+from .experts import gated_activation, init_expert, init_router, init_shared
+from .router import route
 
-__all__ = ["Comparison", "compare_to_reference", "full_weights", "reference_moe"]
+__all__ = [
+    "Comparison", "compare_to_reference", "full_optional_weights", "full_weights",
+    "reference_moe",
+]
 
 
 def full_weights(config: MoEConfig, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """All weights of the layer on one device, as ``ExpertParallelMoE(config, ., seed=seed)``
+    """All routed weights on one device, as ``ExpertParallelMoE(config, ., seed=seed)``
     initialises them: ``router [E, H]``, ``w_gate [E, F, H]``, ``w_up [E, F, H]``,
-    ``w_down [E, H, F]``, in ``config.dtype`` on the CPU."""
-    experts = [init_expert(config, seed, e) for e in range(config.num_experts)]
+    ``w_down [E, H, F]``, on the CPU (router in ``config.router_dtype``, the rest
+    in ``config.dtype``). See :func:`full_optional_weights` for the others."""
+    experts = [init_expert(config, seed, e)[:3] for e in range(config.num_experts)]
     gate, up, down = (torch.stack(ws).to(config.dtype) for ws in zip(*experts, strict=True))
-    return init_router(config, seed).to(config.dtype), gate, up, down
+    return init_router(config, seed)["router_weight"].to(config.router_dtype), gate, up, down
+
+
+def full_optional_weights(config: MoEConfig, seed: int = 0) -> dict[str, Tensor]:
+    """The weights a config adds (biases, shared expert), full size, by keyword name."""
+    out = {n: t for n, t in init_router(config, seed).items() if n != "router_weight"}
+    if config.expert_bias:
+        experts = [init_expert(config, seed, e) for e in range(config.num_experts)]
+        for i, name in ((3, "b_gate"), (4, "b_up"), (5, "b_down")):
+            out[name] = torch.stack([w[i] for w in experts])
+    out.update(init_shared(config, seed))
+    return {n: t.to(torch.float32 if n == "score_correction_bias" else
+                    config.router_dtype if n == "router_bias" else config.dtype)
+            for n, t in out.items()}
 
 
 def reference_moe(
@@ -35,19 +54,20 @@ def reference_moe(
     w_up: Tensor,
     w_down: Tensor,
     config: MoEConfig,
+    **optional: Tensor,
 ) -> Tensor:
     """``y [T, H]`` for ``x [T, H]`` with all ``E`` experts on this device.
 
-    Router logits in x's dtype; softmax or sigmoid, top-k and renormalisation
-    in fp32; each expert's output is weighted and summed in fp32, and the sum
-    is cast back to x's dtype.
+    ``optional``: the config's extra weights by name (``router_bias``,
+    ``score_correction_bias``, ``b_gate``, ``b_up``, ``b_down``, ``shared_gate``,
+    ``shared_up``, ``shared_down``, ``shared_expert_gate``). Each expert's output
+    is weighted and summed in fp32, and the sum is cast back to x's dtype; the
+    shared expert is added after, in x's dtype.
     """
-    logits = x @ router_weight.T  # [T, E]
-    scores = logits.float().softmax(-1) if config.scoring == "softmax" else logits.float().sigmoid()
-    topk_w, topk_ids = scores.topk(config.top_k, dim=-1)  # [T, k], [T, k]
-    if config.renormalize:
-        topk_w = topk_w / topk_w.sum(-1, keepdim=True)
-    act = F.silu if config.activation == "silu" else F.gelu
+    topk_w, topk_ids = route(x, router_weight, config, optional.get("router_bias"),
+                             optional.get("score_correction_bias"))  # [T, k], [T, k]
+    glu = gated_activation(config)
+    b_gate, b_up, b_down = (optional.get(n) for n in ("b_gate", "b_up", "b_down"))
 
     y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in range(config.num_experts):
@@ -55,9 +75,18 @@ def reference_moe(
         if tok.numel() == 0:
             continue
         h = x[tok]
-        out = (act(h @ w_gate[e].T) * (h @ w_up[e].T)) @ w_down[e].T
+        g = F.linear(h, w_gate[e], None if b_gate is None else b_gate[e])
+        u = F.linear(h, w_up[e], None if b_up is None else b_up[e])
+        out = F.linear(glu(g, u), w_down[e], None if b_down is None else b_down[e])
         y[tok] += topk_w[tok, slot, None] * out.float()  # a token picks e at most once
-    return y.to(x.dtype)
+    y = y.to(x.dtype)
+    if config.shared_intermediate_size:
+        s = F.linear(glu(F.linear(x, optional["shared_gate"]), F.linear(x, optional["shared_up"])),
+                     optional["shared_down"])
+        if config.shared_expert_gate:
+            s = torch.sigmoid(F.linear(x, optional["shared_expert_gate"])) * s
+        y = y + s
+    return y
 
 
 @dataclass(frozen=True)
@@ -77,7 +106,7 @@ class Comparison:
 
 def compare_to_reference(
     y: Tensor, x: Tensor, router_weight: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor,
-    config: MoEConfig, splits: list[int] | None = None,
+    config: MoEConfig, splits: list[int] | None = None, **optional: Tensor,
 ) -> Comparison:
     """Check a layer's output ``y [T, H]`` for ``x [T, H]`` against :func:`reference_moe`.
 
@@ -93,12 +122,17 @@ def compare_to_reference(
     place of the scale. (A token whose top-k flips under rounding is off by a
     lot in both; every other token must stay close.)
     """
-    weights = (router_weight, w_gate, w_up, w_down)
+    weights = {"router_weight": router_weight, "w_gate": w_gate, "w_up": w_up,
+               "w_down": w_down, **optional}
     blocks = list(x.split(splits if splits is not None else [x.shape[0]]))
 
     def ref_in(dtype: torch.dtype) -> Tensor:
         c = config.replace(dtype=dtype)
-        outs = [reference_moe(b.to(dtype), *(w.to(dtype) for w in weights), c) for b in blocks]
+        ws = {n: t if n == "score_correction_bias" else t.to(dtype) for n, t in weights.items()}
+        if config.router_fp32:  # the router stays fp32 in both
+            ws = {n: weights[n] if n in ("router_weight", "router_bias") else t
+                  for n, t in ws.items()}
+        outs = [reference_moe(b.to(dtype), config=c, **ws) for b in blocks]
         return torch.cat(outs).float() if outs else x.new_zeros(x.shape, dtype=torch.float32)
 
     ref = ref_in(torch.float32)

@@ -37,7 +37,13 @@ def test_frozen_and_replace_revalidates():
     ("top_k", True, r"top_k must be a positive int"),
     ("top_k", 9, r"top_k=9 must be <= num_experts=8 \(allowed: 1..8\)"),
     ("scoring", "relu", r"scoring must be one of \['softmax', 'sigmoid'\]"),
-    ("activation", "relu", r"activation must be one of \['silu', 'gelu'\]"),
+    ("activation", "relu", r"activation must be one of \['silu', 'gelu', 'clamped_swiglu'\]"),
+    ("n_group", 3, r"n_group=3 must divide num_experts=8; allowed: \[1, 2, 4, 8\]"),
+    ("group_scoring", "mean", r"group_scoring must be one of \['top2_sum', 'max'\]"),
+    ("routed_scaling_factor", 0, r"routed_scaling_factor must be a number > 0"),
+    ("shared_intermediate_size", -1, r"shared_intermediate_size must be an int >= 0"),
+    ("shared_expert_gate", True, r"shared_expert_gate=True needs a shared expert"),
+    ("router_fp32", "yes", r"router_fp32 must be a bool"),
     ("placement", "random", r"placement must be one of \['linear', 'round_robin'\]"),
     ("renormalize", 1, r"renormalize must be a bool"),
     ("dtype", "int8", r"dtype must be one of torch.float32, torch.bfloat16, torch.float16"),
@@ -46,6 +52,19 @@ def test_frozen_and_replace_revalidates():
 def test_invalid_values(field, value, match):
     with pytest.raises(ValueError, match=match):
         MoEConfig(**{**BASE, field: value})
+
+
+def test_group_limits():
+    ok = MoEConfig(**{**BASE, "n_group": 4, "topk_group": 2, "top_k": 4})
+    assert ok.router_dtype is torch.float32
+    with pytest.raises(ValueError, match=r"topk_group=5 must be <= n_group=4"):
+        ok.replace(topk_group=5)
+    with pytest.raises(ValueError, match=r"top_k=5 must be <= topk_group \* \(num_experts // "
+                                         r"n_group\) = 4"):
+        ok.replace(top_k=5)
+    with pytest.raises(ValueError, match=r"'top2_sum' needs >= 2 experts per group"):
+        ok.replace(n_group=8, topk_group=2, top_k=2)
+    assert MoEConfig(**BASE, dtype="bf16", router_fp32=True).router_dtype is torch.float32
 
 
 def test_num_experts_against_ep_size():

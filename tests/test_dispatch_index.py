@@ -8,8 +8,14 @@ t3 ranks {0, 1}.
 
 import torch
 
+import epmoe
 from epmoe.dispatch import pack_rows, pair_hits, plan_dispatch, sum_pairs
-from epmoe.experts import expert_mlp, local_experts_forward, sort_by_local_expert
+from epmoe.experts import (
+    ExpertWeights,
+    gated_activation,
+    local_experts_forward,
+    sort_by_local_expert,
+)
 
 OWNER = torch.tensor([0, 0, 1, 1])
 LOCAL = torch.tensor([0, 1, 0, 1])
@@ -61,11 +67,13 @@ def test_local_experts_forward_by_hand():
     x = torch.randn(3, H, generator=g)
     ids = torch.tensor([[0, -1], [1, 0], [-1, 1]])
     w = torch.tensor([[0.6, 0.0], [0.9, 0.1], [0.0, 0.2]])
-    y, counts = local_experts_forward(x, ids, w, gate, up, down, "silu")
+    glu = gated_activation(epmoe.MoEConfig(hidden_size=H, intermediate_size=F, num_experts=2))
+    y, counts = local_experts_forward(x, ids, w, ExpertWeights(gate, up, down), glu)
     assert counts == [2, 2]
 
     def f(n, e):
-        return expert_mlp(x[n : n + 1], gate[e], up[e], down[e], "silu")[0]
+        h = x[n : n + 1]
+        return ((torch.nn.functional.silu(h @ gate[e].T) * (h @ up[e].T)) @ down[e].T)[0]
 
     want = torch.stack([0.6 * f(0, 0), 0.9 * f(1, 1) + 0.1 * f(1, 0), 0.2 * f(2, 1)])
     torch.testing.assert_close(y, want)

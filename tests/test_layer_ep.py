@@ -16,6 +16,9 @@ from multiproc import run_ranks
 import epmoe
 
 H, F_ = 32, 48
+DEEPSEEK_V3 = dict(num_experts=8, top_k=3, scoring="sigmoid", score_correction_bias=True,
+                   n_group=4, topk_group=2, routed_scaling_factor=2.5, router_fp32=True,
+                   shared_intermediate_size=24)
 # name -> (config overrides, tokens per rank (rank r takes counts[r]), flags)
 # flags: "hot" every token's first choice is the last expert; "grad" backward too;
 # "frozen" (with grad) router frozen and inputs without grad: only expert gradients.
@@ -34,16 +37,35 @@ CASES: dict[str, tuple[dict, list[int], str]] = {
     "one_expert_top1": (dict(num_experts=8, top_k=1), [16, 16, 16, 16], "hot"),
     "one_expert_top2": (dict(num_experts=8, top_k=2), [16, 3, 0, 16], "hot"),
     "bf16": (dict(num_experts=8, top_k=2, dtype="bfloat16"), [32, 16, 8, 24], ""),
+    # the routers and experts of the model families
+    "deepseek_v3": (DEEPSEEK_V3, [9, 4, 0, 14], ""),
+    "deepseek_v2": (dict(num_experts=8, top_k=3, renormalize=False, n_group=4, topk_group=2,
+                         group_scoring="max", routed_scaling_factor=1.5, router_fp32=True,
+                         shared_intermediate_size=16), [6, 6, 11, 2], ""),
+    "qwen2_shared_gate": (dict(num_experts=6, top_k=2, renormalize=False,
+                               shared_intermediate_size=40, shared_expert_gate=True),
+                          [5, 0, 9, 8], ""),
+    "shared_not_overlapped": (dict(num_experts=6, top_k=2, shared_intermediate_size=40,
+                                   overlap_shared=False), [5, 7, 9, 8], ""),
+    "gpt_oss": (dict(num_experts=5, top_k=2, router_bias=True, expert_bias=True,
+                     activation="clamped_swiglu", swiglu_limit=0.3), [7, 12, 3, 5], ""),
+    "deepseek_v3_bf16": ({**DEEPSEEK_V3, "dtype": "bfloat16"}, [20, 8, 16, 4], ""),
+    # backward
     "grad": (dict(num_experts=6, top_k=2), [7, 0, 12, 5], "grad"),
     # all tokens to one expert: every rank but the last receives nothing
     "grad_hot_top1": (dict(num_experts=4, top_k=1), [6, 3, 0, 5], "grad hot"),
     "grad_frozen_router": (dict(num_experts=5, top_k=1), [0, 4, 6, 2], "grad hot frozen"),
+    "grad_deepseek_v3": (DEEPSEEK_V3, [8, 3, 0, 10], "grad"),
+    "grad_gpt_oss": (dict(num_experts=5, top_k=2, router_bias=True, expert_bias=True,
+                          activation="clamped_swiglu", swiglu_limit=0.3), [4, 6, 2, 0], "grad"),
 }
 WORLDS = [1, 2, 3, 4]
+EXPERT_TENSORS = ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")
 
 
 def case_inputs(name: str, world: int):
-    """Config, all ranks' tokens (concatenated), per-rank counts and full weights of a case."""
+    """Config, all ranks' tokens (concatenated), per-rank counts, and the full weights
+    by name (what ``load_full_weights`` and ``reference_moe`` take) of a case."""
     overrides, counts, special = CASES[name]
     counts = counts[:world]
     cfg = epmoe.MoEConfig(hidden_size=H, intermediate_size=F_, **overrides)
@@ -54,7 +76,8 @@ def case_inputs(name: str, world: int):
         x = x.abs() + 0.1
         router = 0.01 * torch.randn(cfg.num_experts, H, generator=gen)
         router[-1] = 5.0
-    weights = tuple(w.to(cfg.dtype) for w in (router, gate, up, down))
+    weights = dict(router_weight=router.to(cfg.router_dtype), w_gate=gate, w_up=up, w_down=down,
+                   **epmoe.full_optional_weights(cfg, seed=7))
     return cfg, x.to(cfg.dtype), counts, weights
 
 
@@ -66,8 +89,8 @@ def _worker(world: int) -> dict:
         cfg, x_all, counts, weights = case_inputs(name, world)
         start = sum(counts[: state.rank])
         x = x_all[start : start + counts[state.rank]].clone()
-        layer = epmoe.ExpertParallelMoE(cfg, state, collect_stats=True)
-        layer.load_full_weights(*weights)
+        layer = epmoe.ExpertParallelMoE(cfg, state, seed=None, collect_stats=True)
+        layer.load_full_weights(**weights)
         flags = CASES[name][2]
         if "grad" in flags:
             if "frozen" in flags:  # a rank without tokens passes a plain empty tensor
@@ -81,9 +104,8 @@ def _worker(world: int) -> dict:
             (y * probe).sum().backward()
             with torch.no_grad():  # ranks still in step after backward
                 layer(torch.ones(1, H))
-            out[name] = dict(y=y.detach(), x_grad=x.grad, router_grad=layer.router_weight.grad,
-                             local=layer.local_experts, w_gate_grad=layer.w_gate.grad,
-                             w_up_grad=layer.w_up.grad, w_down_grad=layer.w_down.grad)
+            out[name] = dict(y=y.detach(), x_grad=x.grad, local=layer.local_experts,
+                             grads={n: p.grad for n, p in layer.named_parameters()})
             continue
         with torch.no_grad():
             y1 = layer(x)
@@ -107,10 +129,10 @@ def test_ep_matches_reference(world: int, name: str):
     y = torch.cat([r[name]["y"] for r in per_rank])
     assert y.shape == x.shape and y.dtype == cfg.dtype
     # The reference routes each rank's block of tokens as that rank did.
-    result = epmoe.compare_to_reference(y, x, *weights, cfg, splits=counts)
+    result = epmoe.compare_to_reference(y, x, **weights, config=cfg, splits=counts)
     assert result.ok, str(result)
     if cfg.dtype == torch.float32 and y.numel():  # the same bound, spelled out
-        ref = torch.cat([epmoe.reference_moe(b, *weights, cfg) for b in x.split(counts)])
+        ref = torch.cat([epmoe.reference_moe(b, **weights, config=cfg) for b in x.split(counts)])
         assert (y - ref).abs().max() <= 1e-5 * max(ref.abs().max(), 1e-6)
     assert all(r[name]["bitwise"] for r in per_rank), "second forward differs"
     # Each rank holds exactly its placement's experts, and counted what it sent.
@@ -140,29 +162,32 @@ def test_ep_gradients_match_reference(world: int, name: str):
     cfg, x, counts, weights = case_inputs(name, world)
     frozen = "frozen" in CASES[name][2]
     per_rank = [r[name] for r in results(world)]
-    leaves = [w.clone().requires_grad_(not (frozen and i == 0)) for i, w in enumerate(weights)]
+    leaves = {n: w.clone().requires_grad_(n != "score_correction_bias"
+                                          and not (frozen and n == "router_weight"))
+              for n, w in weights.items()}
     xr = x.clone().requires_grad_(not frozen)
-    y = torch.cat([epmoe.reference_moe(b, *leaves, cfg) for b in xr.split(counts)])
+    y = torch.cat([epmoe.reference_moe(b, **leaves, config=cfg) for b in xr.split(counts)])
     probe = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
     if y.requires_grad:  # (no token at all reaches an expert: nothing to differentiate)
         (y * probe).sum().backward()
-    grads = [w.grad if w.grad is not None else torch.zeros_like(w) for w in leaves]
+    grads = {n: w.grad if w.grad is not None else torch.zeros_like(w) for n, w in leaves.items()}
 
     def close(a, b, what):
-        assert a.shape == b.shape, what
+        assert a is not None and a.shape == b.shape, what
         if b.numel():
             tol = 1e-5 * max(b.abs().max().item(), 1e-6)
             assert (a - b).abs().max().item() <= tol, what
 
     close(torch.cat([r["y"] for r in per_rank]), y.detach(), "output")
     if frozen:
-        assert all(r["x_grad"] is None and r["router_grad"] is None for r in per_rank)
+        assert all(r["x_grad"] is None and r["grads"]["router_weight"] is None for r in per_rank)
     else:
         close(torch.cat([r["x_grad"] for r in per_rank]), xr.grad, "input gradient")
-        # The router is replicated and not yet averaged: its gradients add up over ranks.
-        close(sum(r["router_grad"] for r in per_rank), grads[0], "router gradient")
-    for r in per_rank:
-        idx = list(r["local"])
-        close(r["w_gate_grad"], grads[1][idx], "w_gate gradient")
-        close(r["w_up_grad"], grads[2][idx], "w_up gradient")
-        close(r["w_down_grad"], grads[3][idx], "w_down gradient")
+    for n in grads:
+        if n == "score_correction_bias" or (frozen and n == "router_weight"):
+            continue
+        if n in EXPERT_TENSORS:  # local: each rank's slice of the reference's gradient
+            for r in per_rank:
+                close(r["grads"][n], grads[n][list(r["local"])], f"{n} gradient")
+        else:  # replicated and not yet averaged: the ranks' gradients add up
+            close(sum(r["grads"][n] for r in per_rank), grads[n], f"{n} gradient")

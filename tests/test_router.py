@@ -57,3 +57,50 @@ def test_top1_and_all(k):
 def test_zero_tokens():
     w, ids = route(X[:0], W, cfg(top_k=2))
     assert w.shape == (0, 2) and ids.shape == (0, 2)
+
+
+def logit(p):
+    return math.log(p / (1 - p))
+
+
+# One token, H = 1: the router weight column is the logits. Sigmoid scores
+# e0 0.8, e1 0.7 (group A, top-2 sum 1.5) and e2 0.9, e3 0.1 (group B, sum 1.0).
+ONE = torch.tensor([[1.0]])
+W_GROUPS = torch.tensor([[logit(0.8)], [logit(0.7)], [logit(0.9)], [logit(0.1)]])
+
+
+def grouped(**kw):
+    return MoEConfig(hidden_size=1, intermediate_size=1, num_experts=4, top_k=2,
+                     scoring="sigmoid", n_group=2, topk_group=1, **kw)
+
+
+def test_group_limited_top2_sum_picks_the_best_group_not_the_best_expert():
+    w, ids = route(ONE, W_GROUPS, grouped())
+    assert ids.tolist() == [[0, 1]]  # group A wins on its top-2 sum though e2 is the best
+    torch.testing.assert_close(w, torch.tensor([[0.8, 0.7]]) / 1.5, rtol=0, atol=1e-6)
+    plain = MoEConfig(hidden_size=1, intermediate_size=1, num_experts=4, top_k=2,
+                      scoring="sigmoid")
+    assert route(ONE, W_GROUPS, plain)[1].tolist() == [[2, 0]]
+
+
+def test_group_max_scoring_picks_the_group_of_the_best_expert():
+    _, ids = route(ONE, W_GROUPS, grouped(group_scoring="max"))
+    assert ids.tolist() == [[2, 3]]
+
+
+def test_correction_bias_steers_the_choice_but_not_the_weights():
+    bias = torch.tensor([0.0, 0.0, 0.0, 0.75])  # e3 chooses as 0.85: group B sums 1.75
+    w, ids = route(ONE, W_GROUPS, grouped(score_correction_bias=True, routed_scaling_factor=2.5),
+                   score_correction_bias_E=bias)
+    assert ids.tolist() == [[2, 3]]
+    # weights from the unbiased scores 0.9 and 0.1, renormalised, times 2.5
+    torch.testing.assert_close(w, torch.tensor([[2.25, 0.25]]), rtol=0, atol=1e-6)
+
+
+def test_router_bias_and_scaling_without_renormalisation():
+    cfg = MoEConfig(hidden_size=1, intermediate_size=1, num_experts=4, top_k=2,
+                    router_bias=True, routed_scaling_factor=2.0, renormalize=False)
+    w, ids = route(ONE, torch.zeros(4, 1), cfg, router_bias_E=torch.tensor([1.0, 2.0, 3.0, 0.0]))
+    assert ids.tolist() == [[2, 1]]
+    z = math.e + math.e**2 + math.e**3 + 1
+    torch.testing.assert_close(w, 2.0 * torch.tensor([[math.e**3 / z, math.e**2 / z]]))
