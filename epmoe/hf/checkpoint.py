@@ -1,0 +1,80 @@
+"""Lazy, per-slice reads of a Hugging Face safetensors checkpoint (one file or sharded).
+
+Nothing is read until asked for, and a read of rows ``[a, b)`` of a stacked
+tensor touches only those rows on disk (safetensors' ``get_slice``), so a rank
+can take its own experts without materialising anyone else's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+__all__ = ["CheckpointError", "CheckpointReader"]
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is not a supported model, or lacks or misshapes a tensor."""
+
+
+class CheckpointReader:
+    """Tensor names, shapes and (partial) reads of the safetensors files of ``path``."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if (self.path / INDEX).is_file():
+            index = json.loads((self.path / INDEX).read_text())
+            self._file_of = {k: self.path / f for k, f in index["weight_map"].items()}
+        elif (self.path / SINGLE).is_file():
+            with safe_open(self.path / SINGLE, framework="pt") as f:
+                self._file_of = {k: self.path / SINGLE for k in f.keys()}  # noqa: SIM118
+        else:
+            raise CheckpointError(f"{self.path} holds neither {SINGLE} nor {INDEX}: not a "
+                                  "safetensors checkpoint")
+        self._handles: dict[Path, object] = {}
+        self.reads: list[tuple[str, tuple[int, int] | None]] = []  # (name, rows) of every read
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._file_of
+
+    def keys(self) -> list[str]:
+        return list(self._file_of)
+
+    def _slice(self, name: str):
+        if name not in self._file_of:
+            raise CheckpointError(f"checkpoint {self.path} has no tensor {name!r}")
+        file = self._file_of[name]
+        if file not in self._handles:
+            if not file.is_file():
+                raise CheckpointError(f"{file} (listed in {INDEX} for {name!r}) does not exist")
+            self._handles[file] = safe_open(file, framework="pt")
+        return self._handles[file].get_slice(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._slice(name).get_shape())
+
+    def read(self, name: str, shape: tuple[int, ...] | None = None,
+             rows: tuple[int, int] | None = None) -> Tensor:
+        """The tensor ``name`` (or its rows ``[a, b)`` along dim 0), checked against ``shape``.
+
+        ``shape`` is the full tensor's expected shape; a mismatch raises a
+        :class:`CheckpointError` that names the tensor.
+        """
+        sl = self._slice(name)
+        got = tuple(sl.get_shape())
+        if shape is not None and got != tuple(shape):
+            raise CheckpointError(f"tensor {name!r} in {self.path} has shape {got}, "
+                                  f"expected {tuple(shape)}")
+        self.reads.append((name, rows))
+        t = sl[rows[0] : rows[1]] if rows is not None else sl[:]
+        return t if isinstance(t, Tensor) else torch.as_tensor(t)
+
+    def close(self) -> None:
+        self._handles.clear()

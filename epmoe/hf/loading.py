@@ -1,0 +1,258 @@
+"""``from_pretrained``: a Hugging Face MoE checkpoint served expert-parallel.
+
+The model is transformers' own class, built on the meta device (no weight is
+allocated), with every MoE block replaced by :class:`EPMoEBlock`. Then each
+rank reads from the safetensors files only what it keeps: the dense weights
+(replicated: embeddings, attention, norms, LM head, dense MLPs, routers and
+shared experts) and its own routed experts, one expert (or one contiguous run
+of experts) at a time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..config import MoEConfig, parse_dtype
+from ..moe import ExpertParallelMoE
+from ..parallel_state import ParallelState
+from .checkpoint import CheckpointError, CheckpointReader
+from .families import Family, family_of
+from .lockstep import Lockstep
+
+__all__ = ["EPMoEBlock", "from_pretrained", "moe_config_of"]
+
+
+class EPMoEBlock(nn.Module):
+    """Stands in for a transformers MoE block: ``[B, S, H] -> [B, S, H]`` through ``self.moe``."""
+
+    def __init__(self, moe: ExpertParallelMoE, returns_router_scores: bool) -> None:
+        super().__init__()
+        self.moe = moe
+        self.returns_router_scores = returns_router_scores  # GPT-OSS: (hidden, scores)
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs):
+        shape = hidden_states.shape
+        y = self.moe(hidden_states.reshape(-1, shape[-1])).reshape(shape)
+        return (y, None) if self.returns_router_scores else y
+
+
+def moe_config_of(hf_config, dtype: torch.dtype, placement: str = "linear",
+                  overlap_shared: bool = True) -> MoEConfig:
+    """The :class:`MoEConfig` of one MoE block of a Hugging Face config."""
+    family = family_of(hf_config)
+    return MoEConfig(hidden_size=hf_config.hidden_size, top_k=hf_config.num_experts_per_tok,
+                     dtype=dtype, placement=placement, overlap_shared=overlap_shared,
+                     **family.moe_fields(hf_config))
+
+
+def _config_dtype(hf_config) -> torch.dtype:
+    value = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    return parse_dtype(value) if value is not None else torch.float32
+
+
+def from_pretrained(
+    path: str | Path,
+    state: ParallelState,
+    dtype: torch.dtype | str | None = None,
+    placement: str = "linear",
+    overlap_shared: bool = True,
+    collect_stats: bool = False,
+):
+    """Load a Hugging Face MoE model directory, expert-parallel over ``state``'s EP group.
+
+    ``path`` holds ``config.json`` and ``model.safetensors`` (or shards with
+    ``model.safetensors.index.json``). ``dtype`` defaults to the config's.
+    Returns transformers' ``...ForCausalLM`` whose MoE blocks are
+    :class:`EPMoEBlock`; ``model(input_ids)`` and ``model.generate(...)`` work,
+    each rank on its own sequences. ``model.epmoe`` is the :class:`Lockstep`
+    that keeps the EP group in step: ``generate`` runs in ``model.epmoe.session()``;
+    plain forwards of ranks that run different numbers of them must too.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} has no config.json: not a Hugging Face model directory")
+    hf_config = AutoConfig.from_pretrained(path)
+    family = family_of(hf_config)
+    dtype = parse_dtype(dtype) if dtype is not None else _config_dtype(hf_config)
+    reader = CheckpointReader(path)
+
+    with torch.device("meta"):  # no weight is allocated here
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    moe_cfg = moe_config_of(hf_config, dtype, placement, overlap_shared)
+    layers = model.get_decoder().layers
+    blocks: dict[int, ExpertParallelMoE] = {}
+    for i, layer in enumerate(layers):
+        if type(layer.mlp).__name__ == family.block_class:
+            moe = ExpertParallelMoE(moe_cfg, state, seed=None, collect_stats=collect_stats)
+            layer.mlp = EPMoEBlock(moe, family.returns_router_scores)
+            blocks[i] = moe
+    if not blocks:
+        raise CheckpointError(f"{path}: no {family.block_class} block found in the model")
+
+    _rebuild_meta_buffers(model, state.device)
+    _load_dense(model, reader, state.device)
+    for i, moe in blocks.items():
+        _load_moe_block(reader, family, i, moe)
+    if getattr(hf_config, "tie_word_embeddings", False):
+        model.tie_weights()
+    _check_nothing_on_meta(model, path)
+    reader.close()
+
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    model.eval()
+    model.epmoe = Lockstep(state, list(blocks.values()))
+    model.epmoe.reads = reader.reads  # what this rank read, for tests and the curious
+    model.get_decoder().register_forward_pre_hook(model.epmoe.before_forward)
+    hf_generate = model.generate
+
+    def generate(*args, **kwargs):
+        with model.epmoe.session():
+            return hf_generate(*args, **kwargs)
+
+    generate.__doc__ = hf_generate.__doc__
+    model.generate = generate
+    return model
+
+
+def _set_tensor(model: nn.Module, name: str, value: Tensor) -> None:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    old = owner._parameters.get(leaf)
+    if old is not None:
+        owner._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad)
+    else:
+        owner._buffers[leaf] = value
+
+
+def _rebuild_meta_buffers(model: nn.Module, device: torch.device) -> None:
+    """Modules whose buffers are computed at init (rotary embeddings) are rebuilt from their
+    config on the real device: their buffers are not in the checkpoint."""
+    for name, module in list(model.named_modules()):
+        if any(b.is_meta for b in module.buffers(recurse=False)) and \
+                not any(b.is_meta for b in module.parameters(recurse=False)):
+            config = getattr(module, "config", None)
+            if config is None:
+                continue  # persistent buffers: loaded from the checkpoint with the weights
+            parent_name, _, leaf = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, leaf, type(module)(config).to(device))
+
+
+def _load_dense(model: nn.Module, reader: CheckpointReader, device: torch.device) -> None:
+    """Every parameter and persistent buffer outside the EP blocks, from the checkpoint."""
+    tied = set(getattr(model, "_tied_weights_keys", None) or {}) \
+        if getattr(model.config, "tie_word_embeddings", False) else set()
+    skip = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, EPMoEBlock))
+    wanted = [(n, t) for n, t in model.named_parameters(remove_duplicate=False)]
+    wanted += [(n, b) for n, b in model.named_buffers() if b.is_meta]
+    for name, meta in wanted:
+        if name.startswith(skip) or (name in tied and name not in reader):
+            continue
+        value = reader.read(name, tuple(meta.shape))
+        _set_tensor(model, name, value.to(device=device, dtype=meta.dtype))
+
+
+def _runs(ids: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """Contiguous runs of global ids as (first local index, start id, stop id)."""
+    runs: list[tuple[int, int, int]] = []
+    for i, g in enumerate(ids):
+        if runs and runs[-1][2] == g:
+            runs[-1] = (runs[-1][0], runs[-1][1], g + 1)
+        else:
+            runs.append((i, g, g + 1))
+    return runs
+
+
+@torch.no_grad()
+def _load_moe_block(reader: CheckpointReader, family: Family, layer: int,
+                    moe: ExpertParallelMoE) -> None:
+    """The router, shared expert and this rank's routed experts of one MoE block."""
+    c = moe.config
+    E, H, Fi = c.num_experts, c.hidden_size, c.intermediate_size
+    candidates = [f"model.layers.{layer}.{p}" for p in family.prefixes]
+    prefix = next((p for p in candidates if f"{p}.{family.router}.weight" in reader), None)
+    if prefix is None:
+        raise CheckpointError(f"layer {layer}: no router weight in the checkpoint (looked for "
+                              + ", ".join(f"{p}.{family.router}.weight" for p in candidates) + ")")
+    r = f"{prefix}.{family.router}"
+    moe.router_weight.copy_(reader.read(f"{r}.weight", (E, H)))
+    if c.router_bias:
+        moe.router_bias.copy_(reader.read(f"{r}.bias", (E,)))
+    if c.score_correction_bias:
+        moe.score_correction_bias.copy_(reader.read(f"{r}.e_score_correction_bias", (E,)))
+    if c.shared_intermediate_size:
+        s, Fs = f"{prefix}.{family.shared_prefix}", c.shared_intermediate_size
+        moe.shared_gate.copy_(reader.read(f"{s}.gate_proj.weight", (Fs, H)))
+        moe.shared_up.copy_(reader.read(f"{s}.up_proj.weight", (Fs, H)))
+        moe.shared_down.copy_(reader.read(f"{s}.down_proj.weight", (H, Fs)))
+        if c.shared_expert_gate:
+            moe.shared_expert_gate.copy_(reader.read(f"{prefix}.shared_expert_gate.weight", (1, H)))
+
+    g, u, d = family.expert_keys
+    local = moe.local_experts
+    if f"{prefix}.experts.{local[0]}.{g}.weight" in reader:  # one tensor per expert
+        # Every rank checks every expert's name and shape (file headers only), so a
+        # broken checkpoint fails on all ranks alike; each then reads only its own.
+        for e in range(E):
+            x = f"{prefix}.experts.{e}"
+            for key, shape in ((g, (Fi, H)), (u, (Fi, H)), (d, (H, Fi))):
+                _check_shape(reader, f"{x}.{key}.weight", shape)
+        for i, e in enumerate(local):
+            x = f"{prefix}.experts.{e}"
+            moe.w_gate[i].copy_(reader.read(f"{x}.{g}.weight", (Fi, H)))
+            moe.w_up[i].copy_(reader.read(f"{x}.{u}.weight", (Fi, H)))
+            moe.w_down[i].copy_(reader.read(f"{x}.{d}.weight", (H, Fi)))
+        return
+    fused = f"{prefix}.experts.gate_up_proj"
+    if fused not in reader:
+        raise CheckpointError(f"layer {layer}: no expert weights in the checkpoint (looked for "
+                              f"{prefix}.experts.{local[0]}.{g}.weight and {fused})")
+    down = f"{prefix}.experts.down_proj"
+    if family.fused_layout == "concat":
+        _check_shape(reader, fused, (E, 2 * Fi, H))
+        _check_shape(reader, down, (E, H, Fi))
+    else:
+        _check_shape(reader, fused, (E, H, 2 * Fi))
+        _check_shape(reader, down, (E, Fi, H))
+    if c.expert_bias:
+        _check_shape(reader, f"{fused}_bias", (E, 2 * Fi))
+        _check_shape(reader, f"{down}_bias", (E, H))
+    for i, a, b in _runs(local):  # stacked tensors: read only this rank's rows
+        n = b - a
+        if family.fused_layout == "concat":  # [E, 2F, H]: gate rows, then up rows
+            gu = reader.read(fused, (E, 2 * Fi, H), rows=(a, b))
+            moe.w_gate[i : i + n].copy_(gu[:, :Fi])
+            moe.w_up[i : i + n].copy_(gu[:, Fi:])
+            moe.w_down[i : i + n].copy_(reader.read(down, (E, H, Fi), rows=(a, b)))
+        else:  # "interleaved_t", GPT-OSS: [E, H, 2F], gate and up columns alternate
+            gu = reader.read(fused, (E, H, 2 * Fi), rows=(a, b))
+            moe.w_gate[i : i + n].copy_(gu[..., 0::2].transpose(1, 2))
+            moe.w_up[i : i + n].copy_(gu[..., 1::2].transpose(1, 2))
+            moe.w_down[i : i + n].copy_(reader.read(down, (E, Fi, H), rows=(a, b)).transpose(1, 2))
+        if c.expert_bias:
+            gub = reader.read(f"{fused}_bias", (E, 2 * Fi), rows=(a, b))
+            moe.b_gate[i : i + n].copy_(gub[:, 0::2])
+            moe.b_up[i : i + n].copy_(gub[:, 1::2])
+            moe.b_down[i : i + n].copy_(reader.read(f"{down}_bias", (E, H), rows=(a, b)))
+
+
+def _check_shape(reader: CheckpointReader, name: str, shape: tuple[int, ...]) -> None:
+    if name not in reader:
+        raise CheckpointError(f"checkpoint {reader.path} has no tensor {name!r}")
+    if reader.shape(name) != shape:
+        raise CheckpointError(f"tensor {name!r} in {reader.path} has shape {reader.shape(name)}, "
+                              f"expected {shape}")
+
+
+def _check_nothing_on_meta(model: nn.Module, path: Path) -> None:
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+            if t.is_meta]
+    if left:
+        raise CheckpointError(f"{path}: these tensors were not loaded: {left[:10]}"
+                              + (f" and {len(left) - 10} more" if len(left) > 10 else ""))
