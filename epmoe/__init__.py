@@ -6,6 +6,8 @@ Public API::
     layer = epmoe.ExpertParallelMoE(epmoe.MoEConfig(hidden_size=..., ...), state)
     y = layer(x)                                 # x: this rank's tokens [T, H]
     epmoe.destroy_distributed()
+
+    model = epmoe.from_pretrained("path/to/hf-model", state)   # transformers' model, EP blocks
 """
 
 from .config import MoEConfig, parse_dtype
@@ -54,6 +56,7 @@ __all__ = [
     "exchange_counts",
     "expert_map",
     "full_optional_weights",
+    "from_pretrained",
     "full_weights",
     "group_layout",
     "init_distributed",
@@ -64,3 +67,13 @@ __all__ = [
     "single_process_state",
 ]
 __version__ = "0.1.0"
+
+
+def from_pretrained(path, state: ParallelState, dtype=None, **kwargs):
+    """Load a Hugging Face MoE model expert-parallel: see :func:`epmoe.hf.from_pretrained`.
+
+    Needs the ``hf`` extra (``pip install -e '.[hf]'``: transformers, safetensors).
+    """
+    from .hf.loading import from_pretrained as load
+
+    return load(path, state, dtype=dtype, **kwargs)

@@ -1,4 +1,4 @@
-"""Tiny random checkpoints of every supported family, written with transformers' ``save_pretrained``.
+"""Tiny random checkpoints of every supported family, written by transformers' save_pretrained.
 
 Used by the tests, and by ``scripts/make_tiny_checkpoint.py`` so that the
 README's generate example runs without a download. A byte-level tokenizer

@@ -1,0 +1,174 @@
+"""Hugging Face checkpoints served expert-parallel, against transformers on one process.
+
+Tiny random checkpoints of every family are written with ``save_pretrained``
+(plus a sharded one and one with stacked expert tensors). For EP = 1, 2, 3,
+each rank loads with ``epmoe.from_pretrained``, runs its own prompt (lengths,
+batch sizes and numbers of new tokens differ by rank) and must give the
+logits (fp32, max abs error <= 1e-4) and greedy tokens of transformers.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import pytest
+import torch
+from multiproc import run_ranks
+
+transformers = pytest.importorskip("transformers")
+
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+import epmoe  # noqa: E402
+from epmoe.hf import CheckpointError, from_pretrained  # noqa: E402
+from epmoe.hf.tiny import TINY_FAMILIES, save_tiny_checkpoint  # noqa: E402
+
+WORLDS = [1, 2, 3]
+
+
+def rank_inputs(rank: int) -> tuple[torch.Tensor, int]:
+    """Rank r's prompt batch and new-token count: all different, so ranks stop apart."""
+    batch, length = (1, 5) if rank % 2 == 0 else (2, 9)
+    ids = (torch.arange(batch * length).view(batch, length) * (7 + 2 * rank) + rank) % 256
+    return ids, [6, 2, 9][rank % 3]
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("hf")
+    out = {f: str(save_tiny_checkpoint(f, root / f, seed=3)) for f in TINY_FAMILIES}
+    out["mixtral_sharded"] = str(save_tiny_checkpoint("mixtral", root / "sharded", seed=4,
+                                                      max_shard_size="150KB"))
+    # transformers 5's in-memory layout: experts stacked as gate_up_proj [E, 2F, H]
+    stacked = save_tiny_checkpoint("qwen3_moe", root / "stacked", seed=5)
+    model = transformers.AutoModelForCausalLM.from_pretrained(stacked, dtype=torch.float32)
+    (stacked / "model.safetensors").unlink()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(stacked / "model.safetensors"), metadata={"format": "pt"})
+    out["qwen3_stacked"] = str(stacked)
+    return out
+
+
+def _worker(dirs: dict[str, str]) -> dict:
+    state = epmoe.init_distributed(force_cpu=True, timeout_s=60)
+    out = {}
+    for name, path in dirs.items():
+        model = from_pretrained(path, state, dtype="float32")
+        ids, new = rank_inputs(state.rank)
+        with model.epmoe.session(), torch.no_grad():
+            logits = model(ids).logits
+        tokens = model.generate(ids, max_new_tokens=new, do_sample=False)
+        expert_reads = [(k, rows) for k, rows in model.epmoe.reads if ".experts." in k]
+        local = model.epmoe.layers[0].local_experts
+        out[name] = dict(logits=logits, tokens=tokens, reads=expert_reads, local=local,
+                         dummy_steps=model.epmoe.dummy_steps)
+    return out
+
+
+@functools.cache
+def results(world: int, dirs: tuple[tuple[str, str], ...]) -> list[dict]:
+    return run_ranks(_worker, world, dict(dirs), deadline_s=600)
+
+
+@functools.cache
+def reference(path: str, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids, new = rank_inputs(rank)
+    with torch.no_grad():
+        logits = model(ids).logits
+    return logits, model.generate(ids, max_new_tokens=new, do_sample=False)
+
+
+NAMES = [*TINY_FAMILIES, "mixtral_sharded", "qwen3_stacked"]
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("name", NAMES)
+def test_logits_and_greedy_tokens_match_transformers(checkpoints, world, name):
+    per_rank = results(world, tuple(sorted(checkpoints.items())))
+    for rank, r in enumerate(per_rank):
+        ref_logits, ref_tokens = reference(checkpoints[name], rank)
+        err = (r[name]["logits"] - ref_logits).abs().max().item()
+        assert err <= 1e-4, f"rank {rank}: max abs logit error {err:.3g}"
+        assert torch.equal(r[name]["tokens"], ref_tokens), f"rank {rank}: tokens differ"
+    if world > 1:  # ranks asked for different numbers of tokens: early ones ran dummy steps
+        assert any(r[name]["dummy_steps"] > 0 for r in per_rank)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("name", ["mixtral", "gpt_oss", "qwen3_stacked"])
+def test_each_rank_reads_only_its_own_experts(checkpoints, world, name):
+    for r in results(world, tuple(sorted(checkpoints.items())))[:world]:
+        local = set(r[name]["local"])
+        assert r[name]["reads"], "no expert tensor was read"
+        for key, rows in r[name]["reads"]:
+            m = re.search(r"\.experts\.(\d+)\.", key)
+            if m:  # one tensor per expert
+                assert rows is None and int(m.group(1)) in local, key
+            else:  # stacked: a run of this rank's rows only
+                assert rows is not None and set(range(*rows)) <= local, (key, rows)
+
+
+# --------------------------------------------------------------- bad checkpoints
+
+
+def _edit(src: str, dst, edit) -> str:
+    import shutil
+
+    shutil.copytree(src, dst)
+    tensors = load_file(f"{dst}/model.safetensors")
+    edit(tensors)
+    save_file(tensors, f"{dst}/model.safetensors", metadata={"format": "pt"})
+    return str(dst)
+
+
+def test_missing_expert_tensor_is_named(checkpoints, tmp_path):
+    key = "model.layers.1.block_sparse_moe.experts.4.w3.weight"
+    path = _edit(checkpoints["mixtral"], tmp_path / "m", lambda t: t.pop(key))
+    with pytest.raises(CheckpointError, match=re.escape(f"has no tensor '{key}'")):
+        from_pretrained(path, epmoe.single_process_state("cpu"))
+
+
+def test_wrongly_shaped_tensors_are_named(checkpoints, tmp_path):
+    key = "model.layers.2.mlp.experts.gate_up_proj"
+
+    def shrink(t):
+        t[key] = t[key][:, :-1].contiguous()
+
+    path = _edit(checkpoints["gpt_oss"], tmp_path / "g", shrink)
+    with pytest.raises(CheckpointError, match=re.escape(f"tensor '{key}'") + r".* has shape "
+                       r"\(6, 63, 96\), expected \(6, 64, 96\)"):
+        from_pretrained(path, epmoe.single_process_state("cpu"))
+    key2 = "model.layers.0.self_attn.k_proj.weight"  # [32, 64]: transposed, [64, 32]
+    path2 = _edit(checkpoints["olmoe"], tmp_path / "o",
+                  lambda t: t.update({key2: t[key2].T.contiguous()}))
+    with pytest.raises(CheckpointError, match=re.escape(f"tensor '{key2}'") + r".* has shape "
+                       r"\(64, 32\), expected \(32, 64\)"):
+        from_pretrained(path2, epmoe.single_process_state("cpu"))
+
+
+def test_unsupported_or_missing_model(checkpoints, tmp_path):
+    with pytest.raises(CheckpointError, match="has no config.json"):
+        from_pretrained(tmp_path, epmoe.single_process_state("cpu"))
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(CheckpointError, match=r"model_type='llama' is not a supported MoE "
+                                              r"family; supported: \['deepseek_v2'"):
+        from_pretrained(tmp_path, epmoe.single_process_state("cpu"))
+
+
+def _broken_worker(path: str) -> str:
+    state = epmoe.init_distributed(force_cpu=True, timeout_s=30)
+    try:
+        from_pretrained(path, state)
+    except CheckpointError as e:
+        return str(e)
+    return "loaded"
+
+
+def test_a_broken_expert_fails_on_every_rank(checkpoints, tmp_path):
+    """Expert 5 lives on rank 1 only, yet rank 0 fails too (and nothing hangs)."""
+    key = "model.layers.0.mlp.experts.5.down_proj.weight"
+    path = _edit(checkpoints["olmoe"], tmp_path / "b", lambda t: t.pop(key))
+    out = run_ranks(_broken_worker, 2, path, deadline_s=120)
+    assert all(key in text for text in out), out
