@@ -1,0 +1,32 @@
+"""The command line: ``python -m epmoe <command> ...``, one module per command.
+
+    torchrun --nproc_per_node=2 -m epmoe generate --model DIR --prompt "Hello" --max-new-tokens 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "generate": "greedy generation from a Hugging Face MoE checkpoint, expert-parallel",
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m epmoe", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for name, help_text in COMMANDS.items():
+        module = importlib.import_module(f".{name}", __name__)
+        module.add_arguments(sub.add_parser(name, help=help_text, description=module.__doc__,
+                                            formatter_class=argparse.RawDescriptionHelpFormatter))
+    args = parser.parse_args(argv)
+    module = importlib.import_module(f".{args.command}", __name__)
+    kwargs = {k: v for k, v in vars(args).items() if k != "command"}
+    try:
+        code = module.main(**kwargs)
+    except ValueError as e:  # bad input: say what and why, without a traceback
+        print(f"python -m epmoe {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code or 0)

@@ -1,0 +1,65 @@
+"""``python -m epmoe generate`` under torchrun: prompts spread over ranks, printed in order."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from multiproc import free_port
+
+transformers = pytest.importorskip("transformers")
+
+from epmoe.hf.tiny import save_tiny_checkpoint  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def generate(nproc: int, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={free_port()}", "-m", "epmoe", "generate", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def hf_greedy(path, ids: list[int], n: int) -> list[int]:
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    x = torch.tensor([ids])
+    return model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                          max_new_tokens=n)[0, len(ids):].tolist()
+
+
+def test_prompts_file_over_two_ranks_matches_transformers(tmp_path):
+    path = save_tiny_checkpoint("qwen2_moe", tmp_path / "m", seed=1)
+    prompts = ["Hello", "Expert parallelism", "a", "MoE layers on CPU"]
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
+    p = generate(2, "--model", str(path), "--prompts-file", str(tmp_path / "p.txt"),
+                 "--max-new-tokens", "6", "--force-cpu")
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("[")]
+    assert len(lines) == 4
+    for i, (line, text) in enumerate(zip(lines, prompts, strict=True)):
+        m = re.match(rf"\[{i}\] \(rank {i % 2}\) {re.escape(repr(text))} -> .* \[([\d,]*)\]$",
+                     line)
+        assert m, line
+        ids = list(text.encode())  # the byte tokenizer: token i is byte i
+        assert [int(t) for t in m.group(1).split(",") if t] == hf_greedy(path, ids, 6)
+    assert "EP=2 over 2 rank(s), gloo on cpu" in p.stdout
+
+
+def test_prompt_ids_without_tokenizer_and_bad_input(tmp_path):
+    path = save_tiny_checkpoint("mixtral", tmp_path / "m", seed=2, tokenizer=False)
+    p = generate(2, "--model", str(path), "--prompt-ids", "1,2,3", "--prompt-ids", "9,8",
+                 "--prompt-ids", "5", "--max-new-tokens", "4", "--force-cpu")
+    assert p.returncode == 0, p.stdout + p.stderr
+    for i, ids in enumerate([[1, 2, 3], [9, 8], [5]]):
+        want = ",".join(map(str, hf_greedy(path, ids, 4)))
+        assert f"[{i}] (rank {i % 2}) '{','.join(map(str, ids))}' -> {want}\n" in p.stdout
+    for args, message in [(["--prompt", "Hello"], "has no tokenizer: give prompts as --prompt-ids"),
+                          (["--prompt-ids", "1,x"], "--prompt-ids takes comma-separated integers"),
+                          ([], "no prompt: give --prompt, --prompt-ids or --prompts-file")]:
+        p = subprocess.run([sys.executable, "-m", "epmoe", "generate", "--model", str(path),
+                            *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
