@@ -38,7 +38,7 @@ class CheckpointReader:
         else:
             raise CheckpointError(f"{self.path} holds neither {SINGLE} nor {INDEX}: not a "
                                   "safetensors checkpoint")
-        self._handles: dict[Path, object] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
         self.reads: list[tuple[str, tuple[int, int] | None]] = []  # (name, rows) of every read
 
     def __contains__(self, name: str) -> bool:
@@ -47,18 +47,21 @@ class CheckpointReader:
     def keys(self) -> list[str]:
         return list(self._file_of)
 
-    def _slice(self, name: str):
+    def _file(self, name: str) -> Path:
         if name not in self._file_of:
             raise CheckpointError(f"checkpoint {self.path} has no tensor {name!r}")
         file = self._file_of[name]
-        if file not in self._handles:
-            if not file.is_file():
-                raise CheckpointError(f"{file} (listed in {INDEX} for {name!r}) does not exist")
-            self._handles[file] = safe_open(file, framework="pt")
-        return self._handles[file].get_slice(name)
+        if not file.is_file():
+            raise CheckpointError(f"{file} (listed in {INDEX} for {name!r}) does not exist")
+        return file
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._slice(name).get_shape())
+        """From the file's header; reads no tensor data."""
+        if name not in self._shapes:
+            with safe_open(self._file(name), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (one header parse for the whole file)
+                    self._shapes[key] = tuple(f.get_slice(key).get_shape())
+        return self._shapes[name]
 
     def read(self, name: str, shape: tuple[int, ...] | None = None,
              rows: tuple[int, int] | None = None) -> Tensor:
@@ -67,14 +70,18 @@ class CheckpointReader:
         ``shape`` is the full tensor's expected shape; a mismatch raises a
         :class:`CheckpointError` that names the tensor.
         """
-        sl = self._slice(name)
-        got = tuple(sl.get_shape())
+        got = self.shape(name)
         if shape is not None and got != tuple(shape):
             raise CheckpointError(f"tensor {name!r} in {self.path} has shape {got}, "
                                   f"expected {tuple(shape)}")
         self.reads.append((name, rows))
-        t = sl[rows[0] : rows[1]] if rows is not None else sl[:]
+        # The file is mapped for this read only: its pages leave this process's
+        # resident memory when the mapping closes, so a load's peak stays near the
+        # weights it keeps (not those plus every page it has read).
+        with safe_open(self._file(name), framework="pt") as f:
+            sl = f.get_slice(name)
+            t = sl[rows[0] : rows[1]] if rows is not None else sl[:]
         return t if isinstance(t, Tensor) else torch.as_tensor(t)
 
     def close(self) -> None:
-        self._handles.clear()
+        self._shapes.clear()
