@@ -172,3 +172,22 @@ def test_a_broken_expert_fails_on_every_rank(checkpoints, tmp_path):
     path = _edit(checkpoints["olmoe"], tmp_path / "b", lambda t: t.pop(key))
     out = run_ranks(_broken_worker, 2, path, deadline_s=120)
     assert all(key in text for text in out), out
+
+
+@pytest.mark.parametrize("name", ["mixtral", "deepseek_v3", "gpt_oss"])
+def test_bfloat16_load_is_within_transformers_own_bf16_error(checkpoints, name):
+    """bf16 weights (DeepSeek's router kept fp32, as transformers keeps it)."""
+    path = checkpoints[name]
+    model = from_pretrained(path, epmoe.single_process_state("cpu"), dtype="bfloat16")
+    moe = model.epmoe.layers[0]
+    assert moe.w_gate.dtype == torch.bfloat16
+    assert model.get_decoder().embed_tokens.weight.dtype == torch.bfloat16
+    assert moe.router_weight.dtype == (torch.float32 if name == "deepseek_v3" else torch.bfloat16)
+    ids, _ = rank_inputs(1)
+    hf = {dt: transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dt).eval()
+          for dt in (torch.float32, torch.bfloat16)}
+    with torch.no_grad():
+        ours = model(ids).logits.float()
+        ref32, ref16 = (hf[dt](ids).logits.float() for dt in (torch.float32, torch.bfloat16))
+    own = (ref16 - ref32).abs().max().item()
+    assert (ours - ref32).abs().max().item() <= 2 * own + 1e-2
