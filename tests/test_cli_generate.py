@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from multiproc import free_port
 
 transformers = pytest.importorskip("transformers")
 
@@ -20,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def generate(nproc: int, *args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={free_port()}", "-m", "epmoe", "generate", *args]
+           "--standalone", "-m", "epmoe", "generate", *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
@@ -59,7 +58,11 @@ def test_prompt_ids_without_tokenizer_and_bad_input(tmp_path):
         assert f"[{i}] (rank {i % 2}) '{','.join(map(str, ids))}' -> {want}\n" in p.stdout
     for args, message in [(["--prompt", "Hello"], "has no tokenizer: give prompts as --prompt-ids"),
                           (["--prompt-ids", "1,x"], "--prompt-ids takes comma-separated integers"),
-                          ([], "no prompt: give --prompt, --prompt-ids or --prompts-file")]:
+                          ([], "no prompt: give --prompt, --prompt-ids or --prompts-file"),
+                          (["--prompt-ids", "1,300"], "token ids must lie in [0, 259)"),
+                          (["--prompt-ids", "1", "--max-new-tokens", "0"],
+                           "--max-new-tokens must be >= 1"),
+                          (["--prompts-file", "/no/such/file"], "no such file")]:
         p = subprocess.run([sys.executable, "-m", "epmoe", "generate", "--model", str(path),
                             *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr

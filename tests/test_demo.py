@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from multiproc import free_port
 
 import epmoe
 
@@ -17,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={free_port()}", "demo.py", *args]
+           "--standalone", "demo.py", *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
 
 

@@ -47,6 +47,19 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()},
               str(stacked / "model.safetensors"), metadata={"format": "pt"})
     out["qwen3_stacked"] = str(stacked)
+    # variants: dense layers among the MoE ones, tied embeddings, other routing switches
+    variants = {
+        "qwen2_sparse_step": ("qwen2_moe", dict(decoder_sparse_step=2, norm_topk_prob=True,
+                                                tie_word_embeddings=True)),
+        "qwen3_mlp_only": ("qwen3_moe", dict(mlp_only_layers=[0], norm_topk_prob=False)),
+        "deepseek_v3_ungrouped": ("deepseek_v3", dict(n_group=1, topk_group=1,
+                                                      norm_topk_prob=False,
+                                                      first_k_dense_replace=2,
+                                                      n_shared_experts=2)),
+        "mixtral_top1_tied": ("mixtral", dict(num_experts_per_tok=1, tie_word_embeddings=True)),
+    }
+    for name, (family, overrides) in variants.items():
+        out[name] = str(save_tiny_checkpoint(family, root / name, seed=6, **overrides))
     return out
 
 
@@ -80,7 +93,8 @@ def reference(path: str, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return logits, model.generate(ids, max_new_tokens=new, do_sample=False)
 
 
-NAMES = [*TINY_FAMILIES, "mixtral_sharded", "qwen3_stacked"]
+NAMES = [*TINY_FAMILIES, "mixtral_sharded", "qwen3_stacked", "qwen2_sparse_step",
+         "qwen3_mlp_only", "deepseek_v3_ungrouped", "mixtral_top1_tied"]
 
 
 @pytest.mark.parametrize("world", WORLDS)
@@ -191,3 +205,72 @@ def test_bfloat16_load_is_within_transformers_own_bf16_error(checkpoints, name):
         ref32, ref16 = (hf[dt](ids).logits.float() for dt in (torch.float32, torch.bfloat16))
     own = (ref16 - ref32).abs().max().item()
     assert (ours - ref32).abs().max().item() <= 2 * own + 1e-2
+
+
+def _bad_token_worker(path: str) -> dict:
+    """Rank 1 passes a token id outside the vocabulary: it fails in the embedding,
+    after its step began; rank 0 must still finish, with the right tokens."""
+    import time
+
+    state = epmoe.init_distributed(force_cpu=True, timeout_s=20)
+    model = from_pretrained(path, state, dtype="float32")
+    ids, new = rank_inputs(0)
+    if state.rank == 1:
+        ids = ids.clone()
+        ids[0, 2] = 10_000
+    t0 = time.monotonic()
+    try:
+        tokens = model.generate(ids, max_new_tokens=new, do_sample=False)
+        error = None
+    except IndexError as e:
+        tokens, error = None, str(e)
+    return dict(tokens=tokens, error=error, seconds=time.monotonic() - t0)
+
+
+def test_a_failing_rank_lets_the_others_finish(checkpoints):
+    out = run_ranks(_bad_token_worker, 2, checkpoints["mixtral"], deadline_s=120)
+    assert out[1]["error"] and out[1]["tokens"] is None
+    assert out[0]["error"] is None
+    assert torch.equal(out[0]["tokens"], reference(checkpoints["mixtral"], 0)[1])
+    assert max(o["seconds"] for o in out) < 15, "a rank waited for a collective timeout"
+
+
+def test_quantised_checkpoints_are_refused(checkpoints, tmp_path):
+    import json
+    import shutil
+
+    q = tmp_path / "q"
+    shutil.copytree(checkpoints["deepseek_v3"], q)
+    cfg = json.loads((q / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (q / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"quantised checkpoint \(quant_method='fp8'\)"):
+        from_pretrained(q, epmoe.single_process_state("cpu"))
+    key = "model.layers.0.self_attn.o_proj.weight"
+    path = _edit(checkpoints["olmoe"], tmp_path / "f8",
+                 lambda t: t.update({key: t[key].to(torch.float8_e4m3fn)}))
+    with pytest.raises(CheckpointError, match=re.escape(f"tensor '{key}'") + r".* is F8_E4M3"):
+        from_pretrained(path, epmoe.single_process_state("cpu"))
+
+
+def test_router_logits_are_refused_clearly_and_fp16_keeps_fp32_norms(checkpoints, tmp_path):
+    import json
+    import shutil
+
+    d = tmp_path / "r"
+    shutil.copytree(checkpoints["qwen3_moe"], d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["output_router_logits"] = True  # a training setting: ignored when serving
+    (d / "config.json").write_text(json.dumps(cfg))
+    model = from_pretrained(d, epmoe.single_process_state("cpu"), dtype="float32")
+    ids, _ = rank_inputs(0)
+    assert torch.equal(model.generate(ids, max_new_tokens=3, do_sample=False),
+                       reference(checkpoints["qwen3_moe"], 0)[1][:, : ids.shape[1] + 3])
+    with pytest.raises(ValueError, match="do not return router logits"):
+        model(ids, output_router_logits=True)
+    gpt = from_pretrained(checkpoints["gpt_oss"], epmoe.single_process_state("cpu"),
+                          dtype="float16")
+    dec = gpt.get_decoder()
+    assert dec.norm.weight.dtype == torch.float32  # transformers' _keep_in_fp32_modules
+    assert dec.layers[0].input_layernorm.weight.dtype == torch.float32
+    assert dec.layers[0].self_attn.q_proj.weight.dtype == torch.float16

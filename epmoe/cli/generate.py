@@ -59,6 +59,8 @@ def _prompts(model_dir: Path, prompt: list[str], prompt_ids: list[str],
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if prompts_file is not None and not Path(prompts_file).is_file():
+        raise ValueError(f"--prompts-file {prompts_file}: no such file")
     lines = [] if prompts_file is None else \
         [ln for ln in Path(prompts_file).read_text().splitlines() if ln.strip()]
     texts = prompt + (lines if tokenizer is not None else [])
@@ -71,6 +73,13 @@ def _prompts(model_dir: Path, prompt: list[str], prompt_ids: list[str],
         raise ValueError("no prompt: give --prompt, --prompt-ids or --prompts-file")
     if any(not ids for _, ids in out):
         raise ValueError("a prompt tokenised to no tokens")
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(model_dir).vocab_size
+    for shown, ids in out:
+        if not all(0 <= i < vocab for i in ids):
+            raise ValueError(f"prompt {shown!r}: token ids must lie in [0, {vocab}) "
+                             f"(the model's vocab_size)")
     return tokenizer, out
 
 
@@ -79,9 +88,11 @@ def main(model: str, prompt: list[str], prompt_ids: list[str], prompts_file: str
          timeout: float) -> int:
     from ..hf.loading import from_pretrained
 
-    if max_new_tokens < 0:
-        raise ValueError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    if max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     model_dir = Path(model)
+    if not (model_dir / "config.json").is_file():
+        raise ValueError(f"--model {model_dir}: no config.json there (not a model directory)")
     if dtype is not None:
         parse_dtype(dtype)
     tokenizer, prompts = _prompts(model_dir, prompt, prompt_ids, prompts_file)
@@ -89,17 +100,21 @@ def main(model: str, prompt: list[str], prompt_ids: list[str], prompts_file: str
     try:
         m = from_pretrained(model_dir, state, dtype=dtype, placement=placement)
         mine = [(i, p) for i, p in enumerate(prompts) if i % state.world_size == state.rank]
-        results, t0 = [], time.perf_counter()
-        with m.epmoe.session():  # idle (zero tokens) once this rank's prompts are done
-            for i, (shown, ids) in mine:
-                x = torch.tensor([ids], device=state.device)
-                y = m.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
-                               max_new_tokens=max_new_tokens)
-                new = y[0, len(ids):].tolist()
-                text = tokenizer.decode(new, skip_special_tokens=True) if tokenizer else None
-                results.append((i, state.rank, shown, new, text))
+        results, error, t0 = [], None, time.perf_counter()
+        try:
+            with m.epmoe.session():  # idle (zero tokens) once this rank's prompts are done
+                for i, (shown, ids) in mine:
+                    x = torch.tensor([ids], device=state.device)
+                    y = m.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                                   max_new_tokens=max_new_tokens)
+                    new = y[0, len(ids):].tolist()
+                    text = tokenizer.decode(new, skip_special_tokens=True) if tokenizer else None
+                    results.append((i, state.rank, shown, new, text))
+        except Exception as e:  # noqa: BLE001 (reported by rank 0 with the others' results)
+            error = f"{type(e).__name__}: {e}"
         seconds = time.perf_counter() - t0
-        report = (state.rank, sum(len(r[3]) for r in results), seconds, m.epmoe.dummy_steps)
+        report = (state.rank, sum(len(r[3]) for r in results), seconds, m.epmoe.dummy_steps,
+                  error)
         gathered = [(results, report)]
         if state.world_size > 1:
             gathered = [None] * state.world_size
@@ -108,7 +123,7 @@ def main(model: str, prompt: list[str], prompt_ids: list[str], prompts_file: str
             _print(model_dir, m, state, gathered, max_new_tokens)
     finally:
         destroy_distributed()
-    return 0
+    return 1 if any(report[-1] for _, report in gathered) else 0
 
 
 def _print(model_dir: Path, m, state, gathered, max_new_tokens: int) -> None:
@@ -122,6 +137,6 @@ def _print(model_dir: Path, m, state, gathered, max_new_tokens: int) -> None:
         ids = ",".join(map(str, new))
         print(f"[{i}] (rank {rank}) {shown!r} -> " + (f"{text!r} [{ids}]" if text is not None
                                                       else ids))
-    for _, (rank, n, seconds, dummy) in gathered:
+    for _, (rank, n, seconds, dummy, error) in gathered:
         print(f"rank {rank}: {n} new tokens in {seconds:.2f} s, {dummy} idle steps after its "
-              "own prompts")
+              "own prompts" + (f"; FAILED: {error}" if error else ""))

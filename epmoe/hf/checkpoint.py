@@ -18,6 +18,7 @@ __all__ = ["CheckpointError", "CheckpointReader"]
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
 
 class CheckpointError(ValueError):
@@ -38,7 +39,7 @@ class CheckpointReader:
         else:
             raise CheckpointError(f"{self.path} holds neither {SINGLE} nor {INDEX}: not a "
                                   "safetensors checkpoint")
-        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._meta: dict[str, tuple[tuple[int, ...], str]] = {}  # shape, dtype by name
         self.reads: list[tuple[str, tuple[int, int] | None]] = []  # (name, rows) of every read
 
     def __contains__(self, name: str) -> bool:
@@ -55,13 +56,21 @@ class CheckpointReader:
             raise CheckpointError(f"{file} (listed in {INDEX} for {name!r}) does not exist")
         return file
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        """From the file's header; reads no tensor data."""
-        if name not in self._shapes:
+    def _header(self, name: str) -> tuple[tuple[int, ...], str]:
+        if name not in self._meta:
             with safe_open(self._file(name), framework="pt") as f:
                 for key in f.keys():  # noqa: SIM118 (one header parse for the whole file)
-                    self._shapes[key] = tuple(f.get_slice(key).get_shape())
-        return self._shapes[name]
+                    sl = f.get_slice(key)
+                    self._meta[key] = (tuple(sl.get_shape()), sl.get_dtype())
+        return self._meta[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """From the file's header; reads no tensor data."""
+        return self._header(name)[0]
+
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype name ("F32", "BF16", "F8_E4M3", ...), from the header."""
+        return self._header(name)[1]
 
     def read(self, name: str, shape: tuple[int, ...] | None = None,
              rows: tuple[int, int] | None = None) -> Tensor:
@@ -74,6 +83,11 @@ class CheckpointReader:
         if shape is not None and got != tuple(shape):
             raise CheckpointError(f"tensor {name!r} in {self.path} has shape {got}, "
                                   f"expected {tuple(shape)}")
+        dtype = self.dtype(name)
+        if dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"tensor {name!r} in {self.path} is {dtype}: epmoe loads "
+                                  f"{'/'.join(sorted(FLOAT_DTYPES))} tensors only (a quantised "
+                                  "checkpoint?)")
         self.reads.append((name, rows))
         # The file is mapped for this read only: its pages leave this process's
         # resident memory when the mapping closes, so a load's peak stays near the
@@ -84,4 +98,4 @@ class CheckpointReader:
         return t if isinstance(t, Tensor) else torch.as_tensor(t)
 
     def close(self) -> None:
-        self._shapes.clear()
+        self._meta.clear()

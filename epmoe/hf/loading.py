@@ -10,6 +10,7 @@ of experts) at a time.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -78,6 +79,13 @@ def from_pretrained(
         raise CheckpointError(f"{path} has no config.json: not a Hugging Face model directory")
     hf_config = AutoConfig.from_pretrained(path)
     family = family_of(hf_config)
+    quant = getattr(hf_config, "quantization_config", None)
+    if quant:
+        method = quant.get("quant_method") if isinstance(quant, dict) else \
+            getattr(quant, "quant_method", quant)
+        raise CheckpointError(f"{path} is a quantised checkpoint (quant_method={method!r}); "
+                              "epmoe loads float32/bfloat16/float16 weights only")
+    hf_config.output_router_logits = False  # epmoe's blocks return no router logits
     dtype = parse_dtype(dtype) if dtype is not None else _config_dtype(hf_config)
     reader = CheckpointReader(path)
 
@@ -95,7 +103,7 @@ def from_pretrained(
         raise CheckpointError(f"{path}: no {family.block_class} block found in the model")
 
     _rebuild_meta_buffers(model, state.device)
-    _load_dense(model, reader, state.device)
+    _load_dense(model, reader, state.device, _fp32_patterns(model, dtype))
     for i, moe in blocks.items():
         _load_moe_block(reader, family, i, moe)
     if getattr(hf_config, "tie_word_embeddings", False):
@@ -109,6 +117,7 @@ def from_pretrained(
     model.epmoe = Lockstep(state, list(blocks.values()))
     model.epmoe.reads = reader.reads  # what this rank read, for tests and the curious
     model.get_decoder().register_forward_pre_hook(model.epmoe.before_forward)
+    model.register_forward_pre_hook(_no_router_logits, with_kwargs=True)
     hf_generate = model.generate
 
     def generate(*args, **kwargs):
@@ -118,6 +127,12 @@ def from_pretrained(
     generate.__doc__ = hf_generate.__doc__
     model.generate = generate
     return model
+
+
+def _no_router_logits(_module, _args, kwargs):
+    if kwargs.get("output_router_logits"):
+        raise ValueError("output_router_logits=True: epmoe's MoE blocks do not return router "
+                         "logits (nor transformers' auxiliary loss from them)")
 
 
 def _set_tensor(model: nn.Module, name: str, value: Tensor) -> None:
@@ -144,7 +159,19 @@ def _rebuild_meta_buffers(model: nn.Module, device: torch.device) -> None:
             setattr(parent, leaf, type(module)(config).to(device))
 
 
-def _load_dense(model: nn.Module, reader: CheckpointReader, device: torch.device) -> None:
+def _fp32_patterns(model: nn.Module, dtype: torch.dtype) -> list[re.Pattern]:
+    """The weights transformers keeps in fp32 at this dtype (``_keep_in_fp32_modules``,
+    for float16, and ``_keep_in_fp32_modules_strict``, for float16 and bfloat16), as
+    transformers matches them: a search of the glob in the weight's name."""
+    names = list(getattr(model, "_keep_in_fp32_modules", None) or []) \
+        if dtype == torch.float16 else []
+    if dtype in (torch.float16, torch.bfloat16):
+        names += list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+    return [re.compile(re.escape(n).replace(r"\*", ".*")) for n in names]
+
+
+def _load_dense(model: nn.Module, reader: CheckpointReader, device: torch.device,
+                fp32: list[re.Pattern]) -> None:
     """Every parameter and persistent buffer outside the EP blocks, from the checkpoint."""
     tied = set(getattr(model, "_tied_weights_keys", None) or {}) \
         if getattr(model.config, "tie_word_embeddings", False) else set()
@@ -155,7 +182,8 @@ def _load_dense(model: nn.Module, reader: CheckpointReader, device: torch.device
         if name.startswith(skip) or (name in tied and name not in reader):
             continue
         value = reader.read(name, tuple(meta.shape))
-        _set_tensor(model, name, value.to(device=device, dtype=meta.dtype))
+        dtype = torch.float32 if any(p.search(name) for p in fp32) else meta.dtype
+        _set_tensor(model, name, value.to(device=device, dtype=dtype))
 
 
 def _runs(ids: tuple[int, ...]) -> list[tuple[int, int, int]]:

@@ -9,6 +9,12 @@ The protocol is one small all-reduce per model forward (a step): each rank
 adds 1 if it runs a real forward now and 0 if it is idle. An idle rank that
 sees a non-zero sum runs one dummy step (every MoE layer, in order, on zero
 tokens); when the sum is 0 every rank is idle and all stop together.
+
+A rank whose forward fails between MoE layers (a bad token id in the
+embedding, say) first runs the rest of that step's MoE layers on zero tokens,
+then idles, so its peers finish and only the failing rank reports the error.
+A failure inside a collective cannot be recovered: the peers end at their
+collective timeout instead.
 """
 
 from __future__ import annotations
@@ -32,50 +38,80 @@ class Lockstep:
         self.state = state
         self.layers = list(layers)  # in the order a forward runs them
         self._depth = 0
+        self._done = len(self.layers)  # MoE layers run in the current step
+        self._in_collective = False  # inside the step all-reduce or a MoE layer
         self.dummy_steps = 0  # dummy steps this rank ran, over its lifetime
+        for layer in self.layers:
+            layer.register_forward_pre_hook(self._enter_layer)
+            layer.register_forward_hook(self._leave_layer)
 
     @property
     def needed(self) -> bool:
         return self.state.ep_size > 1
+
+    def _enter_layer(self, *_args) -> None:
+        self._in_collective = True
+
+    def _leave_layer(self, *_args) -> None:
+        self._in_collective = False
+        self._done += 1
 
     def step(self, active: bool) -> int:
         """Join this step's all-reduce; returns how many ranks run a real forward."""
         if not self.needed:
             return int(active)
         flag = torch.tensor([int(active)], dtype=torch.int32, device=self.state.device)
+        self._in_collective = True
         dist.all_reduce(flag, group=self.state.ep_group)
+        self._in_collective = False
         return int(flag.item())  # NOTE: host sync, once per forward
 
     def before_forward(self, *_args, **_kwargs) -> None:
         """A forward pre-hook for the model: this rank runs a real step."""
+        self._finish_step()  # (a step that failed before its MoE layers, outside a session)
         self.step(True)
+        self._done = 0
+
+    def _finish_step(self) -> None:
+        """Run, on zero tokens, the MoE layers of the current step that have not run."""
+        with torch.no_grad():
+            while self._done < len(self.layers):
+                self._zero_tokens(self.layers[self._done])
+
+    def _zero_tokens(self, layer: ExpertParallelMoE) -> None:
+        c = layer.config
+        layer(torch.empty((0, c.hidden_size), dtype=c.dtype, device=self.state.device))
 
     def idle(self) -> None:
         """Run dummy steps until every rank of the EP group is idle too."""
         if not self.needed:
             return
+        self._finish_step()
         with torch.no_grad():
             while self.step(False) > 0:
-                for layer in self.layers:
-                    h = layer.config.hidden_size
-                    layer(torch.empty((0, h), dtype=layer.config.dtype, device=self.state.device))
+                self._done = 0
+                self._finish_step()
                 self.dummy_steps += 1
 
     @contextmanager
     def session(self) -> Iterator[None]:
         """Real forwards inside; on leaving the outermost session, idle until all are done.
 
-        ``model.generate`` runs in one. Wrap several calls (or plain forwards)
-        of a rank in one session so that the rank idles once, at the end.
+        ``model.generate`` runs in one. Every rank makes the same number of
+        outermost sessions (one per ``generate`` call, or one around several
+        calls of a rank, so that it idles once, at the end).
         """
         self._depth += 1
-        peers_gone = False
         try:
             yield
-        except RuntimeError:  # what a failed collective raises: the peers may be gone
-            peers_gone = True
-            raise
-        finally:
+        except BaseException:
+            if self._in_collective:  # failed inside a collective: the peers cannot be met
+                self._depth = 0
+                raise
             self._depth -= 1
-            if self._depth == 0 and not peers_gone:
-                self.idle()  # also after a local error (bad input), so the peers can finish
+            if self._depth == 0:
+                self.idle()  # after a local error too, so that the peers can finish
+            raise
+        self._depth -= 1
+        if self._depth == 0:
+            self.idle()
