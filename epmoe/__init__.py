@@ -11,7 +11,7 @@ Public API::
 """
 
 from .config import MoEConfig, parse_dtype
-from .dispatch import DispatchHandle, combine, dispatch, dispatch_start
+from .dispatch import Dispatcher, make_dispatcher
 from .moe import ExpertParallelMoE, optional_weight_shapes
 from .parallel_state import (
     ParallelState,
@@ -39,7 +39,7 @@ from .stats import MoEStats
 __all__ = [
     "Comparison",
     "compare_to_reference",
-    "DispatchHandle",
+    "Dispatcher",
     "ExpertMap",
     "ExpertParallelMoE",
     "MoEConfig",
@@ -49,10 +49,7 @@ __all__ = [
     "all_gather_v",
     "all_to_all_v",
     "all_to_all_v_start",
-    "combine",
     "destroy_distributed",
-    "dispatch",
-    "dispatch_start",
     "exchange_counts",
     "expert_map",
     "full_optional_weights",
@@ -60,6 +57,7 @@ __all__ = [
     "full_weights",
     "group_layout",
     "init_distributed",
+    "make_dispatcher",
     "optional_weight_shapes",
     "parse_dtype",
     "reference_moe",

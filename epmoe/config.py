@@ -18,6 +18,9 @@ SCORINGS = ("softmax", "sigmoid")
 ACTIVATIONS = ("silu", "gelu", "clamped_swiglu")
 PLACEMENTS = ("linear", "round_robin")
 GROUP_SCORINGS = ("top2_sum", "max")
+BACKENDS = ("alltoall", "allgather_reducescatter", "low_latency")
+EXPERT_IMPLS = ("auto", "loop", "grouped_mm")
+DISPATCH_DTYPES = (None, "bfloat16", "float8_e4m3")
 
 # Names accepted for `dtype`, besides a torch.dtype itself.
 _DTYPES = {
@@ -80,7 +83,18 @@ class MoEConfig:
     # --- shared experts: every token, on its own rank ---
     shared_intermediate_size: int = 0  # 0: none; else the shared MLP's F (all shared experts)
     shared_expert_gate: bool = False  # scale the shared output by sigmoid(x w^T), w [1, H]
-    overlap_shared: bool = True  # run the shared expert while the dispatch all-to-all travels
+    overlap_shared: bool = False  # run the shared expert while the dispatch all-to-all travels
+
+    # --- speed: how tokens travel and how experts run ---
+    all2all_backend: str = "alltoall"  # "alltoall": exact splits (counts exchanged first);
+    #   "allgather_reducescatter": gather the group's tokens, reduce-scatter the results;
+    #   "low_latency": fixed buffers of max_tokens_per_rank per rank pair, no host sync
+    max_tokens_per_rank: int = 0  # low_latency: most tokens one rank passes in a forward
+    expert_impl: str = "auto"  # "loop" (a product per expert), "grouped_mm", or "auto"
+    dispatch_dtype: str | None = None  # tokens travel as: None (dtype), "bfloat16", or
+    #                                    "float8_e4m3" (with a per-token fp32 scale)
+    overlap_microbatches: bool = False  # split the tokens in two: one half dispatches while
+    #                                     the other computes
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "intermediate_size", "num_experts", "top_k", "n_group",
@@ -101,8 +115,18 @@ class MoEConfig:
         _check_choice("activation", self.activation, ACTIVATIONS)
         _check_choice("placement", self.placement, PLACEMENTS)
         _check_choice("group_scoring", self.group_scoring, GROUP_SCORINGS)
+        _check_choice("all2all_backend", self.all2all_backend, BACKENDS)
+        _check_choice("expert_impl", self.expert_impl, EXPERT_IMPLS)
+        _check_choice("dispatch_dtype", self.dispatch_dtype, DISPATCH_DTYPES)
+        m = self.max_tokens_per_rank
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise ValueError(f"MoEConfig.max_tokens_per_rank must be an int >= 0, got {m!r}")
+        if self.all2all_backend == "low_latency" and m < 1:
+            raise ValueError("MoEConfig.all2all_backend='low_latency' needs max_tokens_per_rank "
+                             ">= 1: its buffers hold that many tokens per rank pair")
         for name in ("renormalize", "router_bias", "router_fp32", "score_correction_bias",
-                     "expert_bias", "shared_expert_gate", "overlap_shared"):
+                     "expert_bias", "shared_expert_gate", "overlap_shared",
+                     "overlap_microbatches"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MoEConfig.{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("routed_scaling_factor", "swiglu_alpha", "swiglu_limit"):

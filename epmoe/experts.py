@@ -6,6 +6,13 @@ Pure local code, no collectives. Shape legend:
     M = (row, slot) pairs that name a local expert, sorted by local expert
     e = local experts    E = all experts    H = hidden size
     F = intermediate size per expert         Fs = shared-expert intermediate size
+
+Each expert's gate and up projections are one fused ``[2F, H]`` matrix (gate
+rows, then up rows): one matrix product instead of two. The local experts run
+either as a loop of one product per expert over contiguous slices of the
+sorted rows (``"loop"``) or as one grouped product (``"grouped_mm"``,
+``torch.nn.functional.grouped_mm``); ``choose_expert_impl`` picks per device
+and dtype from measurements (``benchmarks/expert_impl.py``).
 """
 
 from __future__ import annotations
@@ -19,15 +26,21 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import MoEConfig
+from .ops import sum_rows
 
 __all__ = [
     "ExpertWeights",
+    "choose_expert_impl",
     "expert_mlp",
     "gated_activation",
+    "grouped_experts",
+    "grouped_mm_ok",
     "init_expert",
     "init_router",
     "init_shared",
     "local_experts_forward",
+    "local_experts_forward_fixed",
+    "run_experts",
     "sort_by_local_expert",
 ]
 
@@ -37,20 +50,18 @@ GLU = Callable[[Tensor, Tensor], Tensor]  # (gate activations, up activations) -
 class ExpertWeights(NamedTuple):
     """Stacked weights of some experts, in ``nn.Linear`` orientation."""
 
-    w_gate: Tensor  # [e, F, H]
-    w_up: Tensor  # [e, F, H]
+    w_gate_up: Tensor  # [e, 2F, H]: gate rows 0..F-1, up rows F..2F-1
     w_down: Tensor  # [e, H, F]
-    b_gate: Tensor | None = None  # [e, F] (expert_bias only)
-    b_up: Tensor | None = None  # [e, F]
+    b_gate_up: Tensor | None = None  # [e, 2F] (expert_bias only)
     b_down: Tensor | None = None  # [e, H]
 
 
 def gated_activation(config: MoEConfig) -> GLU:
     """The gated product of an expert: ``act(gate) * up`` or GPT-OSS's clamped SwiGLU."""
     if config.activation == "silu":
-        return lambda g, u: F.silu(g) * u
+        return lambda g, u: F.silu(g).mul_(u)  # one new [M, F] tensor, then in place
     if config.activation == "gelu":
-        return lambda g, u: F.gelu(g) * u
+        return lambda g, u: F.gelu(g).mul_(u)
     alpha, limit = config.swiglu_alpha, config.swiglu_limit
 
     def clamped_swiglu(g: Tensor, u: Tensor) -> Tensor:
@@ -61,12 +72,12 @@ def gated_activation(config: MoEConfig) -> GLU:
     return clamped_swiglu
 
 
-def expert_mlp(x_MH: Tensor, gate_FH: Tensor, up_FH: Tensor, down_HF: Tensor, glu: GLU,
-               b_gate: Tensor | None = None, b_up: Tensor | None = None,
-               b_down: Tensor | None = None) -> Tensor:
+def expert_mlp(x_MH: Tensor, w_gate_up_2FH: Tensor, w_down_HF: Tensor, glu: GLU,
+               b_gate_up: Tensor | None = None, b_down: Tensor | None = None) -> Tensor:
     """One gated-MLP expert: ``down(glu(gate(x), up(x)))`` -> ``[M, H]``."""
-    return F.linear(glu(F.linear(x_MH, gate_FH, b_gate), F.linear(x_MH, up_FH, b_up)),
-                    down_HF, b_down)
+    Fi = w_down_HF.shape[1]
+    gu_M2F = F.linear(x_MH, w_gate_up_2FH, b_gate_up)
+    return F.linear(glu(gu_M2F[:, :Fi], gu_M2F[:, Fi:]), w_down_HF, b_down)
 
 
 # --------------------------------------------------------------------------- init
@@ -96,20 +107,22 @@ def init_router(config: MoEConfig, seed: int) -> dict[str, Tensor]:
     return out
 
 
-def init_expert(config: MoEConfig, seed: int, expert: int) -> ExpertWeights:
-    """Weights of global expert ``expert`` (unstacked: gate ``[F, H]`` ...), fp32 on the CPU.
+def init_expert(config: MoEConfig, seed: int, expert: int) -> dict[str, Tensor]:
+    """Weights of global expert ``expert``, by full-weight name: ``w_gate [F, H]``,
+    ``w_up [F, H]``, ``w_down [H, F]`` (and ``b_gate``, ``b_up`` ``[F]``, ``b_down
+    [H]`` with ``expert_bias``), fp32 on the CPU.
 
     Depends only on (seed, expert), so a rank builds its own experts without
     materialising anyone else's and the result matches a full single-device init.
     """
     H, Fi = config.hidden_size, config.intermediate_size
     gen = _generator(seed, 1 + expert)
-    gate, up, down = _uniform((Fi, H), H, gen), _uniform((Fi, H), H, gen), \
-        _uniform((H, Fi), Fi, gen)
-    if not config.expert_bias:
-        return ExpertWeights(gate, up, down)
-    return ExpertWeights(gate, up, down, _uniform((Fi,), H, gen), _uniform((Fi,), H, gen),
-                         _uniform((H,), Fi, gen))
+    out = {"w_gate": _uniform((Fi, H), H, gen), "w_up": _uniform((Fi, H), H, gen),
+           "w_down": _uniform((H, Fi), Fi, gen)}
+    if config.expert_bias:
+        out.update(b_gate=_uniform((Fi,), H, gen), b_up=_uniform((Fi,), H, gen),
+                   b_down=_uniform((H,), Fi, gen))
+    return out
 
 
 def init_shared(config: MoEConfig, seed: int) -> dict[str, Tensor]:
@@ -127,6 +140,31 @@ def init_shared(config: MoEConfig, seed: int) -> dict[str, Tensor]:
 
 
 # --------------------------------------------------------------------------- compute
+
+
+def grouped_mm_ok(experts: ExpertWeights) -> bool:
+    """``grouped_mm`` exists here and these weights' rows are 16-byte aligned (its CPU
+    kernels require that)."""
+    w = experts.w_gate_up
+    Fi, H = experts.w_down.shape[2], w.shape[2]
+    return hasattr(F, "grouped_mm") and all(n * w.element_size() % 16 == 0 for n in (H, Fi))
+
+
+def choose_expert_impl(device: torch.device, dtype: torch.dtype) -> str:
+    """``"grouped_mm"`` or ``"loop"`` for ``expert_impl="auto"``.
+
+    CPU: grouped_mm, measured faster than the loop in bf16 and fp32 on this
+    project's machine (``benchmarks/expert_impl.py``; figures in
+    ``benchmarks/RESULTS.md``). CUDA: grouped_mm for bf16 on compute
+    capability 8.0 and newer (its kernels' requirement), the loop otherwise.
+    """
+    if not hasattr(F, "grouped_mm"):
+        return "loop"
+    if device.type == "cpu":
+        return "grouped_mm"
+    if device.type == "cuda" and dtype == torch.bfloat16:
+        return "grouped_mm" if torch.cuda.get_device_capability(device)[0] >= 8 else "loop"
+    return "loop"
 
 
 def sort_by_local_expert(local_ids_NK: Tensor, num_local: int) -> tuple[Tensor, list[int]]:
@@ -148,32 +186,92 @@ def sort_by_local_expert(local_ids_NK: Tensor, num_local: int) -> tuple[Tensor, 
     return order[: sum(counts[:num_local])], counts[:num_local]
 
 
+def grouped_experts(x_MH: Tensor, offs_e: Tensor, expert_M: Tensor | None,
+                    experts: ExpertWeights, glu: GLU, valid_M1: Tensor | None = None) -> Tensor:
+    """All local experts as two grouped products: rows ``x_MH`` sorted by expert, expert i's
+    rows ending at ``offs_e[i]`` (int32, on the device: no host sync). Rows past the last
+    offset come out undefined (``valid_M1`` marks the others, for the biases' gradient).
+    ``expert_M``, each row's expert, is needed for biases."""
+    Fi = experts.w_down.shape[2]
+
+    def bias(b: Tensor) -> Tensor:  # grouped_mm has no bias yet: gather it per row
+        rows = b.index_select(0, expert_M)
+        return rows if valid_M1 is None else torch.where(valid_M1, rows, 0.0)
+
+    gu_M2F = F.grouped_mm(x_MH, experts.w_gate_up.transpose(1, 2), offs=offs_e)
+    if experts.b_gate_up is not None:
+        gu_M2F = gu_M2F + bias(experts.b_gate_up)
+    y_MH = F.grouped_mm(glu(gu_M2F[:, :Fi], gu_M2F[:, Fi:]), experts.w_down.transpose(1, 2),
+                        offs=offs_e)
+    if experts.b_down is not None:
+        y_MH = y_MH + bias(experts.b_down)
+    return y_MH
+
+
+def run_experts(x_MH: Tensor, counts: list[int], experts: ExpertWeights, glu: GLU,
+                impl: str) -> Tensor:
+    """Rows ``x_MH`` sorted by local expert (``counts[i]`` rows for expert i) -> ``[M, H]``."""
+    if impl == "grouped_mm":
+        counts_t = torch.tensor(counts, dtype=torch.int32)
+        offs = counts_t.cumsum(0, dtype=torch.int32).to(x_MH.device, non_blocking=True)
+        expert_M = None
+        if experts.b_gate_up is not None:
+            expert_M = torch.repeat_interleave(torch.arange(len(counts)), counts_t.long())
+            expert_M = expert_M.to(x_MH.device, non_blocking=True)
+        return grouped_experts(x_MH, offs, expert_M, experts, glu)
+    outs, start = [], 0
+    for i, n in enumerate(counts):  # loop over experts, not tokens
+        # Empty slices run too: every rank's graph then has the same shape, so
+        # every rank joins the same collectives in backward (see all_to_all_v).
+        biases = [None if b is None else b[i] for b in experts[2:]]
+        outs.append(expert_mlp(x_MH[start : start + n], experts.w_gate_up[i], experts.w_down[i],
+                               glu, *biases))
+        start += n
+    return torch.cat(outs)
+
+
 def local_experts_forward(
-    x_NH: Tensor, local_ids_NK: Tensor, weights_NK: Tensor, experts: ExpertWeights, glu: GLU
+    x_NH: Tensor, local_ids_NK: Tensor, weights_NK: Tensor, experts: ExpertWeights, glu: GLU,
+    impl: str = "loop",
 ) -> tuple[Tensor, list[int]]:
     """Each received row's weighted sum over the slots whose expert is local.
 
     Returns ``(partial_NH, counts)``: ``[N, H]`` in ``x``'s dtype, and the
-    number of (row, slot) pairs each local expert computed. One matrix product
-    per local expert over a contiguous slice of the sorted rows; no loop over
-    tokens. Weighting and the sum over slots run in fp32 (the reference does
-    the same), the result is cast back to ``x``'s dtype.
+    number of (row, slot) pairs each local expert computed. Weighting and the
+    sum over a row's slots run in fp32 (the reference does the same).
     """
     N, k = local_ids_NK.shape
-    pair_M, counts = sort_by_local_expert(local_ids_NK, experts.w_gate.shape[0])
-    x_MH = x_NH[pair_M // k]  # copy: rows gathered into expert order
-    outs, start = [], 0
-    for e, n in enumerate(counts):  # loop over experts, not tokens
-        # Empty slices run too: every rank's graph then has the same shape, so
-        # every rank joins the same collectives in backward (see all_to_all_v).
-        biases = [None if b is None else b[e] for b in experts[3:]]
-        outs.append(expert_mlp(x_MH[start : start + n], experts.w_gate[e], experts.w_up[e],
-                               experts.w_down[e], glu, *biases))
-        start += n
-    y_MH = torch.cat(outs)
-    weighted_MH = y_MH.float() * weights_NK.flatten()[pair_M].float().unsqueeze(1)
-    # Scatter back to (row, slot) positions, then sum the k slots in a fixed order:
-    # unique indices and a plain sum keep this deterministic on every device.
-    H = x_NH.shape[1]
-    slots = weighted_MH.new_zeros((N * k, H)).index_copy(0, pair_M, weighted_MH)
-    return slots.view(N, k, H).sum(1).to(x_NH.dtype), counts
+    pair_M, counts = sort_by_local_expert(local_ids_NK, experts.w_down.shape[0])
+    if impl == "grouped_mm" and not grouped_mm_ok(experts):
+        impl = "loop"
+    rows_M = pair_M.div(k, rounding_mode="floor")
+    y_MH = run_experts(x_NH.index_select(0, rows_M), counts, experts, glu, impl)
+    w_M1 = weights_NK.reshape(-1).index_select(0, pair_M).float().unsqueeze(1)
+    partial = sum_rows(y_MH.float() * w_M1, rows_M, pair_M % k, N, k)
+    return partial.to(x_NH.dtype), counts
+
+
+def local_experts_forward_fixed(
+    x_NH: Tensor, local_ids_NK: Tensor, weights_NK: Tensor, experts: ExpertWeights, glu: GLU,
+) -> Tensor:
+    """:func:`local_experts_forward` without a host sync: every one of the ``N * k``
+    slots is gathered (absent ones sorted last and masked out), and the expert
+    bounds stay on the device for ``grouped_mm``. Fixed shapes throughout, so
+    it can be captured in a CUDA graph; needs :func:`grouped_mm_ok`. Costs the
+    gather of the absent slots' rows (the grouped products skip them)."""
+    N, k = local_ids_NK.shape
+    e = experts.w_down.shape[0]
+    ids = local_ids_NK.flatten()
+    key = torch.where(ids >= 0, ids, e)  # [N*k]
+    order = torch.argsort(key, stable=True)
+    key_sorted = key.index_select(0, order)
+    offs = torch.bincount(key, minlength=e + 1)[:e].cumsum(0).to(torch.int32)
+    rows = order.div(k, rounding_mode="floor")
+    valid = (key_sorted < e).unsqueeze(1)
+    # Masked on the way in too: grouped_mm's backward leaves the gradient of rows
+    # past the last offset undefined, and this keeps it out of x's gradient.
+    x_in = torch.where(valid, x_NH.index_select(0, rows), 0.0)
+    y = grouped_experts(x_in, offs, key_sorted.clamp(max=e - 1), experts, glu, valid)
+    w = weights_NK.reshape(-1).index_select(0, order).float().unsqueeze(1)
+    contrib = torch.where(valid, y.float() * w, 0.0)  # rows past the last offset: undefined
+    return sum_rows(contrib, rows, order % k, N, k).to(x_NH.dtype)

@@ -3,15 +3,14 @@
 Every rank passes its own tokens through the four steps of expert parallelism:
 
 1. router   - replicated gate weight, scores and top-k per token (local);
-2. dispatch - each token travels once to every rank holding one of its experts;
-   the shared expert, if any, runs on the rank's own tokens meanwhile;
+2. dispatch - each token travels to the ranks holding its experts (``epmoe.dispatch``,
+   one of three backends); the shared expert, if any, may run meanwhile;
 3. experts  - each rank runs its local experts on what it received (local);
 4. combine  - partial outputs travel back and are summed in token order.
 
-Collectives happen only inside ``dispatch`` and ``combine`` (``epmoe.dispatch``).
-Shape legend: T = tokens on this rank, H = hidden size, F = intermediate size,
-Fs = shared-expert size, E = experts (global), e = experts on this rank,
-k = top_k, G = EP ranks.
+Collectives happen only inside dispatch and combine. Shape legend: T = tokens
+on this rank, H = hidden size, F = intermediate size, Fs = shared-expert size,
+E = experts (global), e = experts on this rank, k = top_k, G = EP ranks.
 """
 
 from __future__ import annotations
@@ -21,15 +20,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import MoEConfig
-from .dispatch import combine, dispatch_start
+from .dispatch import make_dispatcher
 from .experts import (
     ExpertWeights,
-    expert_mlp,
+    choose_expert_impl,
     gated_activation,
+    grouped_mm_ok,
     init_expert,
     init_router,
     init_shared,
     local_experts_forward,
+    local_experts_forward_fixed,
 )
 from .parallel_state import ParallelState
 from .placement import expert_map
@@ -37,6 +38,8 @@ from .router import route
 from .stats import MoEStats, PhaseTimer
 
 __all__ = ["ExpertParallelMoE", "optional_weight_shapes"]
+
+EXPERT_NAMES = ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")
 
 
 def optional_weight_shapes(config: MoEConfig) -> dict[str, tuple[int, ...]]:
@@ -61,13 +64,14 @@ class ExpertParallelMoE(nn.Module):
     """MoE layer holding only this rank's experts.
 
     Parameters: ``router_weight [E, H]`` (replicated), and the stacked local
-    experts ``w_gate [e, F, H]``, ``w_up [e, F, H]``, ``w_down [e, H, F]`` in
-    the orientation of a Hugging Face ``nn.Linear`` weight. ``local_experts``
-    lists their global ids, in that stacking order. Configs may add
-    ``router_bias [E]``, the buffer ``score_correction_bias [E]``, expert biases
-    ``b_gate/b_up [e, F]`` and ``b_down [e, H]``, and a replicated shared expert
-    ``shared_gate/shared_up [Fs, H]``, ``shared_down [H, Fs]``,
-    ``shared_expert_gate [1, H]`` (see :func:`optional_weight_shapes`).
+    experts ``w_gate_up [e, 2F, H]`` (each expert's gate rows, then its up
+    rows: one fused product) and ``w_down [e, H, F]``, in the orientation of a
+    Hugging Face ``nn.Linear`` weight; ``w_gate`` and ``w_up`` are views of the
+    two halves. ``local_experts`` lists their global ids, in stacking order.
+    Configs may add ``router_bias [E]``, the buffer ``score_correction_bias
+    [E]``, expert biases ``b_gate_up [e, 2F]`` (views ``b_gate``, ``b_up``) and
+    ``b_down [e, H]``, and a replicated shared expert ``shared_gate/shared_up
+    [Fs, H]``, ``shared_down [H, Fs]``, ``shared_expert_gate [1, H]``.
 
     ``forward(x [T, H]) -> [T, H]``; T may differ between ranks and may be 0,
     but every rank of the EP group must call forward together.
@@ -88,8 +92,8 @@ class ExpertParallelMoE(nn.Module):
         self.state = state
         self.collect_stats = collect_stats  # fill self.last_stats on every forward
         self.last_stats: MoEStats | None = None
-        # Token rows sent to each EP rank over all forwards (the entry for self stays
-        # local). Free to keep: the split sizes are on the host for the all-to-all anyway.
+        # Token rows put on the wire to each EP rank over all forwards (the entry for
+        # self stays local). Free to keep: the split sizes are host ints anyway.
         self.rows_sent: list[int] = [0] * state.ep_size
         self.expert_map = expert_map(config.num_experts, state.ep_size, config.placement)
         self.local_experts: tuple[int, ...] = self.expert_map.experts_on(state.ep_rank)
@@ -100,12 +104,14 @@ class ExpertParallelMoE(nn.Module):
         dev, dt = state.device, config.dtype
         self.router_weight = nn.Parameter(torch.empty((config.num_experts, H), device=dev,
                                                       dtype=config.router_dtype))
-        self.w_gate = nn.Parameter(torch.empty((e, Fi, H), device=dev, dtype=dt))
-        self.w_up = nn.Parameter(torch.empty((e, Fi, H), device=dev, dtype=dt))
+        self.w_gate_up = nn.Parameter(torch.empty((e, 2 * Fi, H), device=dev, dtype=dt))
         self.w_down = nn.Parameter(torch.empty((e, H, Fi), device=dev, dtype=dt))
+        if config.expert_bias:
+            self.b_gate_up = nn.Parameter(torch.empty((e, 2 * Fi), device=dev, dtype=dt))
+            self.b_down = nn.Parameter(torch.empty((e, H), device=dev, dtype=dt))
         for name, shape in optional_weight_shapes(config).items():
-            if name in ("b_gate", "b_up", "b_down"):
-                shape = (e, *shape[1:])  # local experts only
+            if name in EXPERT_NAMES:
+                continue
             if name == "score_correction_bias":  # not trained by the optimiser: a buffer
                 self.register_buffer(name, torch.empty(shape, device=dev, dtype=torch.float32))
             else:
@@ -116,11 +122,25 @@ class ExpertParallelMoE(nn.Module):
         self.register_buffer("owner", self.expert_map.owner_tensor(dev), persistent=False)
         self.register_buffer("local_index", self.expert_map.local_index_tensor(dev),
                              persistent=False)
+        self.dispatcher = make_dispatcher(config, state, self.owner, self.local_index)
+        impl = config.expert_impl
+        self.expert_impl = choose_expert_impl(dev, dt) if impl == "auto" else impl
         if seed is not None:
             self.reset_parameters(seed)
 
+    # Views of the fused gate/up tensors, by the names of the full weights.
+    w_gate = property(lambda self: self.w_gate_up[:, : self.config.intermediate_size])
+    w_up = property(lambda self: self.w_gate_up[:, self.config.intermediate_size :])
+    b_gate = property(lambda self: self._bias_half(0))
+    b_up = property(lambda self: self._bias_half(1))
+
+    def _bias_half(self, half: int) -> Tensor | None:
+        b = self.weight("b_gate_up")
+        Fi = self.config.intermediate_size
+        return None if b is None else b[:, half * Fi : (half + 1) * Fi]
+
     def weight(self, name: str) -> Tensor | None:
-        """A parameter or buffer by name, ``None`` if this config has none."""
+        """A parameter, buffer or view by name, ``None`` if this config has none."""
         return getattr(self, name, None)
 
     @torch.no_grad()
@@ -129,10 +149,8 @@ class ExpertParallelMoE(nn.Module):
         for name, t in {**init_router(self.config, seed), **init_shared(self.config, seed)}.items():
             getattr(self, name).copy_(t)
         for i, g in enumerate(self.local_experts):
-            for name, t in zip(ExpertWeights._fields, init_expert(self.config, seed, g),
-                               strict=True):
-                if t is not None:
-                    getattr(self, name)[i].copy_(t)
+            for name, t in init_expert(self.config, seed, g).items():
+                getattr(self, name)[i].copy_(t)
 
     @torch.no_grad()
     def load_full_weights(self, router_weight: Tensor, w_gate: Tensor, w_up: Tensor,
@@ -159,21 +177,22 @@ class ExpertParallelMoE(nn.Module):
                 raise ValueError(f"load_full_weights: {name} has shape {tuple(t.shape)}, "
                                  f"expected {want[name]} for {c}")
         for name, t in given.items():
-            if name in ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down"):
+            if name in EXPERT_NAMES:
                 t = t.index_select(0, torch.tensor(self.local_experts, device=t.device))
             getattr(self, name).copy_(t)
 
     def expert_weight_bytes(self) -> int:
         """Bytes of routed-expert weights this rank holds (replicated weights not counted)."""
-        names = ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")
+        names = ("w_gate_up", "w_down", "b_gate_up", "b_down")
         return sum(t.numel() * t.element_size() for n in names if (t := self.weight(n)) is not None)
 
     def _experts(self) -> ExpertWeights:
-        return ExpertWeights(self.w_gate, self.w_up, self.w_down, self.weight("b_gate"),
-                             self.weight("b_up"), self.weight("b_down"))
+        return ExpertWeights(self.w_gate_up, self.w_down, self.weight("b_gate_up"),
+                             self.weight("b_down"))
 
     def _shared(self, x_TH: Tensor) -> Tensor:
-        y_TH = expert_mlp(x_TH, self.shared_gate, self.shared_up, self.shared_down, self._glu)
+        g, u = F.linear(x_TH, self.shared_gate), F.linear(x_TH, self.shared_up)
+        y_TH = F.linear(self._glu(g, u), self.shared_down)
         if self.config.shared_expert_gate:  # Qwen2-MoE: a sigmoid gate per token
             y_TH = torch.sigmoid(F.linear(x_TH, self.shared_expert_gate)) * y_TH
         return y_TH
@@ -181,34 +200,68 @@ class ExpertParallelMoE(nn.Module):
     def forward(self, x_TH: Tensor) -> Tensor:
         self._check_input(x_TH)
         c, s = self.config, self.state
-        has_shared = c.shared_intermediate_size > 0
         timer = PhaseTimer(self.collect_stats, s.device)
         timer.start()
-
         weights_TK, ids_TK = route(x_TH, self.router_weight, c, self.weight("router_bias"),
                                    self.weight("score_correction_bias"))
         timer.lap("router")
+        if c.overlap_microbatches and not self.collect_stats:
+            y_TH = self._two_microbatches(x_TH, weights_TK, ids_TK)
+        else:
+            y_TH = self._one_batch(x_TH, weights_TK, ids_TK, timer)
+        if self.collect_stats:
+            self.last_stats = self._stats(x_TH, ids_TK, timer.seconds)
+        return y_TH
 
-        pending = dispatch_start(x_TH, weights_TK, ids_TK, self.owner, self.local_index,
-                                 s.ep_group, s.ep_size)
+    def _one_batch(self, x_TH: Tensor, weights_TK: Tensor, ids_TK: Tensor,
+                   timer: PhaseTimer) -> Tensor:
+        c = self.config
+        has_shared = c.shared_intermediate_size > 0
+        pending = self.dispatcher.start(x_TH, weights_TK, ids_TK)
         shared_TH = self._shared(x_TH) if has_shared and c.overlap_shared else None
-        x_NH, local_ids_NK, w_NK, handle = pending.wait()
+        received, handle = pending.wait()
         timer.lap("dispatch")  # with overlap_shared, includes the shared expert
-
-        partial_NH, counts = local_experts_forward(x_NH, local_ids_NK, w_NK, self._experts(),
-                                                   self._glu)
+        partial_NH, counts = self._compute(received)
         timer.lap("experts")
-
-        y_TH = combine(partial_NH, handle)
+        self._count(handle, counts, received)
+        y_TH = self.dispatcher.combine_start(partial_NH, handle).wait()
         timer.lap("combine")
         if has_shared:
             y_TH = y_TH + (shared_TH if shared_TH is not None else self._shared(x_TH))
             timer.lap("shared")  # ~0 when overlapped: only the addition
-
-        self.rows_sent = [a + b for a, b in zip(self.rows_sent, handle.send_splits, strict=True)]
-        if self.collect_stats:
-            self.last_stats = self._stats(x_TH, ids_TK, handle, counts, timer.seconds)
         return y_TH
+
+    def _two_microbatches(self, x_TH: Tensor, weights_TK: Tensor, ids_TK: Tensor) -> Tensor:
+        """Halves A and B: B's dispatch travels while A computes, A's combine while B
+        computes. Every rank splits (even with 0 or 1 tokens), so collectives pair up."""
+        c = self.config
+        half = (x_TH.shape[0] + 1) // 2
+        parts = [(x_TH[:half], weights_TK[:half], ids_TK[:half]),
+                 (x_TH[half:], weights_TK[half:], ids_TK[half:])]
+        sent = [self.dispatcher.start(*p) for p in parts]
+        combining = []
+        for pending in sent:
+            received, handle = pending.wait()
+            partial_NH, counts = self._compute(received)
+            combining.append(self.dispatcher.combine_start(partial_NH, handle))
+            self._count(handle, counts, received)
+        shared_TH = self._shared(x_TH) if c.shared_intermediate_size else None
+        y_TH = torch.cat([p.wait() for p in combining])
+        return y_TH if shared_TH is None else y_TH + shared_TH
+
+    def _compute(self, received) -> tuple[Tensor, list[int] | None]:
+        x_NH, local_ids_NK, w_NK = received
+        if self.dispatcher.fixed_shapes and grouped_mm_ok(self._experts()):
+            return local_experts_forward_fixed(x_NH, local_ids_NK, w_NK, self._experts(),
+                                               self._glu), None
+        return local_experts_forward(x_NH, local_ids_NK, w_NK, self._experts(), self._glu,
+                                     self.expert_impl)
+
+    def _count(self, handle, counts: list[int] | None, received) -> None:
+        wire = self.dispatcher.wire(handle)
+        self.rows_sent = [a + b for a, b in zip(self.rows_sent, wire.send_rows, strict=True)]
+        if self.collect_stats:
+            self._last = (wire, counts, received.local_ids_NK)
 
     def _check_input(self, x: Tensor) -> None:
         c = self.config
@@ -218,23 +271,29 @@ class ExpertParallelMoE(nn.Module):
         if x.dtype != c.dtype:
             raise ValueError(f"ExpertParallelMoE expects x of dtype {c.dtype} (config.dtype), "
                              f"got {x.dtype}")
-        if x.device != self.w_gate.device:
-            raise ValueError(f"ExpertParallelMoE expects x on {self.w_gate.device} "
+        if x.device != self.w_down.device:
+            raise ValueError(f"ExpertParallelMoE expects x on {self.w_down.device} "
                              f"(this rank's device), got {x.device}")
 
-    def _stats(self, x_TH, ids_TK, handle, counts, seconds) -> MoEStats:
-        # Only when collect_stats is on: one bincount and its host sync.
-        row = x_TH.shape[1] * x_TH.element_size()
-        meta = 2 * self.config.top_k * 4  # fp32 weights and ids per row
-        per_expert = torch.bincount(ids_TK.flatten(), minlength=self.config.num_experts)
+    def _stats(self, x_TH: Tensor, ids_TK: Tensor, seconds: dict[str, float]) -> MoEStats:
+        # Only when collect_stats is on: a bincount or two and their host syncs.
+        wire, counts, local_ids_NK = self._last
+        E, G = self.config.num_experts, self.state.ep_size
+        per_expert = torch.bincount(ids_TK.flatten(), minlength=E)
+        if counts is None:  # the fixed-shape path did not count on the host
+            counts = torch.bincount(local_ids_NK[local_ids_NK >= 0],
+                                    minlength=len(self.local_experts)).tolist()
+        hits = torch.zeros((x_TH.shape[0], G), dtype=torch.bool, device=x_TH.device)
+        hits.scatter_(1, self.owner[ids_TK], True)
         return MoEStats(
             tokens=x_TH.shape[0],
             tokens_per_expert=per_expert.tolist(),
             recv_per_local_expert=list(counts),
-            send_rows=list(handle.send_splits),
-            recv_rows=list(handle.recv_splits),
-            dispatch_bytes=[n * (row + meta) for n in handle.send_splits],
-            combine_bytes=[n * row for n in handle.recv_splits],
+            send_rows=list(wire.send_rows),
+            recv_rows=list(wire.recv_rows),
+            dispatch_bytes=list(wire.dispatch_bytes),
+            combine_bytes=list(wire.combine_bytes),
+            needed_rows=hits.sum(0).tolist(),
             seconds=dict(seconds),
         )
 
@@ -242,4 +301,5 @@ class ExpertParallelMoE(nn.Module):
         c = self.config
         return (f"E={c.num_experts}, local={list(self.local_experts)}, H={c.hidden_size}, "
                 f"F={c.intermediate_size}, top_k={c.top_k}, ep={self.state.ep_rank}/"
-                f"{self.state.ep_size}, dtype={c.dtype}")
+                f"{self.state.ep_size}, backend={c.all2all_backend}, "
+                f"experts={self.expert_impl}, dtype={c.dtype}")

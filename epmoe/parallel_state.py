@@ -40,9 +40,12 @@ __all__ = [
     "all_to_all_v",
     "all_to_all_v_start",
     "destroy_distributed",
+    "all_gather_known",
     "exchange_counts",
+    "gather_sizes",
     "group_layout",
     "init_distributed",
+    "reduce_scatter_v",
     "single_process_state",
 ]
 
@@ -363,16 +366,53 @@ class _AllGatherV(torch.autograd.Function):
         return got.view(len(sizes), mine, *grad.shape[1:]).sum(0), None, None
 
 
+class _ReduceScatterV(torch.autograd.Function):
+    """Sum over ranks of each rank's rows: rank j keeps the rows of block j."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, sizes: list[int], group) -> Tensor:
+        ctx.sizes, ctx.group = sizes, group
+        mine = sizes[dist.get_rank(group)]
+        # An all-to-all of the blocks, then a fixed-order fp32 sum: gloo has no
+        # uneven reduce-scatter, and this one is deterministic.
+        got = _all_to_all(x.contiguous(), sizes, [mine] * len(sizes), group)
+        return got.view(len(sizes), mine, *x.shape[1:]).float().sum(0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _AllGatherV.apply(grad.contiguous(), ctx.sizes, ctx.group), None, None
+
+
+def reduce_scatter_v(x: Tensor, sizes: list[int], group: dist.ProcessGroup | None) -> Tensor:
+    """``x [sum(sizes), ...]`` on every rank; rank j gets the sum over ranks of rows
+    ``sizes[:j].sum() .. + sizes[j]``. Differentiable (backward: :func:`all_gather_v`)."""
+    if _group_size(group) == 1:
+        return x
+    return _ReduceScatterV.apply(_joins_backward(x), list(sizes), group)
+
+
+def gather_sizes(n: int, device: torch.device, group: dist.ProcessGroup | None) -> list[int]:
+    """Every group rank's ``n``, by rank. NOTE: a collective and a host sync."""
+    if _group_size(group) == 1:
+        return [n]
+    t = torch.tensor([n], dtype=torch.int64, device=device)
+    got = [torch.empty_like(t) for _ in range(_group_size(group))]
+    dist.all_gather(got, t, group=group)
+    return [int(v.item()) for v in got]
+
+
+def all_gather_known(x: Tensor, sizes: list[int], group: dist.ProcessGroup | None) -> Tensor:
+    """:func:`all_gather_v` when every rank's row count is already known."""
+    if _group_size(group) == 1:
+        return x
+    return _AllGatherV.apply(_joins_backward(x), list(sizes), group)
+
+
 def all_gather_v(x: Tensor, group: dist.ProcessGroup | None) -> tuple[Tensor, list[int]]:
     """Concatenate every group rank's ``x`` (first dims may differ) in rank order.
 
     Returns ``(gathered [sum(sizes), ...], sizes)``. Differentiable. Costs one
     extra all-gather of the sizes and a host sync to read them.
     """
-    if _group_size(group) == 1:
-        return x, [x.shape[0]]
-    n = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
-    got = [torch.empty_like(n) for _ in range(_group_size(group))]
-    dist.all_gather(got, n, group=group)
-    sizes = [int(t.item()) for t in got]  # NOTE: host sync (needed to size the buffers)
-    return _AllGatherV.apply(_joins_backward(x), sizes, group), sizes
+    sizes = gather_sizes(x.shape[0], x.device, group)  # NOTE: host sync (sizes the buffers)
+    return all_gather_known(x, sizes, group), sizes

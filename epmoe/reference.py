@@ -29,8 +29,9 @@ def full_weights(config: MoEConfig, seed: int = 0) -> tuple[Tensor, Tensor, Tens
     initialises them: ``router [E, H]``, ``w_gate [E, F, H]``, ``w_up [E, F, H]``,
     ``w_down [E, H, F]``, on the CPU (router in ``config.router_dtype``, the rest
     in ``config.dtype``). See :func:`full_optional_weights` for the others."""
-    experts = [init_expert(config, seed, e)[:3] for e in range(config.num_experts)]
-    gate, up, down = (torch.stack(ws).to(config.dtype) for ws in zip(*experts, strict=True))
+    experts = [init_expert(config, seed, e) for e in range(config.num_experts)]
+    gate, up, down = (torch.stack([w[n] for w in experts]).to(config.dtype)
+                      for n in ("w_gate", "w_up", "w_down"))
     return init_router(config, seed)["router_weight"].to(config.router_dtype), gate, up, down
 
 
@@ -39,8 +40,8 @@ def full_optional_weights(config: MoEConfig, seed: int = 0) -> dict[str, Tensor]
     out = {n: t for n, t in init_router(config, seed).items() if n != "router_weight"}
     if config.expert_bias:
         experts = [init_expert(config, seed, e) for e in range(config.num_experts)]
-        for i, name in ((3, "b_gate"), (4, "b_up"), (5, "b_down")):
-            out[name] = torch.stack([w[i] for w in experts])
+        for name in ("b_gate", "b_up", "b_down"):
+            out[name] = torch.stack([w[name] for w in experts])
     out.update(init_shared(config, seed))
     return {n: t.to(torch.float32 if n == "score_correction_bias" else
                     config.router_dtype if n == "router_bias" else config.dtype)
@@ -54,9 +55,13 @@ def reference_moe(
     w_up: Tensor,
     w_down: Tensor,
     config: MoEConfig,
+    expert_input: Tensor | None = None,
     **optional: Tensor,
 ) -> Tensor:
     """``y [T, H]`` for ``x [T, H]`` with all ``E`` experts on this device.
+
+    ``expert_input``: the tokens as the experts see them, when they differ from
+    what the router sees (low-precision dispatch); default ``x``.
 
     ``optional``: the config's extra weights by name (``router_bias``,
     ``score_correction_bias``, ``b_gate``, ``b_up``, ``b_down``, ``shared_gate``,
@@ -74,7 +79,7 @@ def reference_moe(
         tok, slot = torch.where(topk_ids == e)  # tokens that chose expert e, and in which slot
         if tok.numel() == 0:
             continue
-        h = x[tok]
+        h = (x if expert_input is None else expert_input)[tok]
         g = F.linear(h, w_gate[e], None if b_gate is None else b_gate[e])
         u = F.linear(h, w_up[e], None if b_up is None else b_up[e])
         out = F.linear(glu(g, u), w_down[e], None if b_down is None else b_down[e])

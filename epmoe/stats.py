@@ -14,7 +14,7 @@ import torch
 
 __all__ = ["MoEStats", "PhaseTimer"]
 
-PHASES = ("router", "dispatch", "experts", "combine")
+PHASES = ("router", "dispatch", "experts", "combine")  # and "shared" when it runs after
 
 
 @dataclass(frozen=True)
@@ -24,10 +24,12 @@ class MoEStats:
     tokens: int  # tokens this rank routed
     tokens_per_expert: list[int]  # [E] this rank's token choices per global expert
     recv_per_local_expert: list[int]  # [e] (row, expert) pairs computed per local expert
-    send_rows: list[int]  # [G] token rows sent to each rank (the entry for self stays local)
+    send_rows: list[int]  # [G] token rows put on the wire to each rank (self's stay local)
     recv_rows: list[int]  # [G] token rows received from each rank
     dispatch_bytes: list[int]  # [G] bytes sent to each rank in dispatch (tokens + ids/weights)
     combine_bytes: list[int]  # [G] bytes sent to each rank in combine (partial outputs)
+    needed_rows: list[int] = field(default_factory=list)  # [G] this rank's tokens with an
+    #   expert on each rank: the least any backend must send there (send_rows >= it)
     seconds: dict[str, float] = field(default_factory=dict)  # per phase, see PHASES
 
 

@@ -9,13 +9,14 @@ t3 ranks {0, 1}.
 import torch
 
 import epmoe
-from epmoe.dispatch import pack_rows, pair_hits, plan_dispatch, sum_pairs
+from epmoe.dispatch import pack_rows, pair_hits, plan_dispatch
 from epmoe.experts import (
     ExpertWeights,
     gated_activation,
     local_experts_forward,
     sort_by_local_expert,
 )
+from epmoe.ops import sum_rows
 
 OWNER = torch.tensor([0, 0, 1, 1])
 LOCAL = torch.tensor([0, 1, 0, 1])
@@ -55,7 +56,7 @@ def test_sort_by_local_expert():
 def test_sum_pairs_returns_each_token_once_in_place():
     token, _, slot = plan_dispatch(pair_hits(IDS, OWNER, 2), 6)
     back = torch.tensor([[1.0], [2.0], [3.0], [10.0], [20.0], [30.0]])
-    y = sum_pairs(back, token, slot, T=4, S=2)
+    y = sum_rows(back, token, slot, num_rows=4, num_slots=2)
     assert y.squeeze(1).tolist() == [11.0, 2.0, 20.0, 33.0]
 
 
@@ -68,7 +69,8 @@ def test_local_experts_forward_by_hand():
     ids = torch.tensor([[0, -1], [1, 0], [-1, 1]])
     w = torch.tensor([[0.6, 0.0], [0.9, 0.1], [0.0, 0.2]])
     glu = gated_activation(epmoe.MoEConfig(hidden_size=H, intermediate_size=F, num_experts=2))
-    y, counts = local_experts_forward(x, ids, w, ExpertWeights(gate, up, down), glu)
+    experts = ExpertWeights(torch.cat([gate, up], dim=1), down)
+    y, counts = local_experts_forward(x, ids, w, experts, glu, "loop")
     assert counts == [2, 2]
 
     def f(n, e):
