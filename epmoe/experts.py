@@ -59,7 +59,13 @@ class ExpertWeights(NamedTuple):
 def gated_activation(config: MoEConfig) -> GLU:
     """The gated product of an expert: ``act(gate) * up`` or GPT-OSS's clamped SwiGLU."""
     if config.activation == "silu":
-        return lambda g, u: F.silu(g).mul_(u)  # one new [M, F] tensor, then in place
+        def swiglu(g: Tensor, u: Tensor) -> Tensor:
+            return F.silu(g).mul_(u)  # one new [M, F] tensor, then in place
+
+        # Without autograd the gate activations themselves can be overwritten: no
+        # new tensor at all (measured 4% faster on the Mixtral-like expert).
+        swiglu.in_place = lambda g, u: F.silu(g, inplace=True).mul_(u)
+        return swiglu
     if config.activation == "gelu":
         return lambda g, u: F.gelu(g).mul_(u)
     alpha, limit = config.swiglu_alpha, config.swiglu_limit
@@ -150,18 +156,25 @@ def grouped_mm_ok(experts: ExpertWeights) -> bool:
     return hasattr(F, "grouped_mm") and all(n * w.element_size() % 16 == 0 for n in (H, Fi))
 
 
-def choose_expert_impl(device: torch.device, dtype: torch.dtype) -> str:
-    """``"grouped_mm"`` or ``"loop"`` for ``expert_impl="auto"``.
+LOOP_MIN_ROWS = 512  # CPU: from this many rows per local expert on average, the loop wins
 
-    CPU: grouped_mm, measured faster than the loop in bf16 and fp32 on this
-    project's machine (``benchmarks/expert_impl.py``; figures in
-    ``benchmarks/RESULTS.md``). CUDA: grouped_mm for bf16 on compute
-    capability 8.0 and newer (its kernels' requirement), the loop otherwise.
+
+def choose_expert_impl(device: torch.device, dtype: torch.dtype) -> str:
+    """What ``expert_impl="auto"`` means on a device: ``"grouped_mm"``, ``"loop"``, or
+    ``"auto_rows"`` (decided per forward from the rows per local expert).
+
+    CPU (``benchmarks/expert_impl.py``, figures in ``benchmarks/RESULTS.md``):
+    in bf16 and fp32 alike the loop is faster with many rows per expert (Mixtral
+    prefill, 1024 rows each: 71 against 99 ms in bf16) and grouped_mm with few
+    rows or many experts (decode; DeepSeek's 32 local experts), hence a
+    threshold of ``LOOP_MIN_ROWS`` rows per expert. CUDA: grouped_mm for bf16
+    on compute capability 8.0 and newer (its kernels' requirement), the loop
+    otherwise (not measured here: no GPU).
     """
     if not hasattr(F, "grouped_mm"):
         return "loop"
     if device.type == "cpu":
-        return "grouped_mm"
+        return "auto_rows"
     if device.type == "cuda" and dtype == torch.bfloat16:
         return "grouped_mm" if torch.cuda.get_device_capability(device)[0] >= 8 else "loop"
     return "loop"
@@ -219,6 +232,18 @@ def run_experts(x_MH: Tensor, counts: list[int], experts: ExpertWeights, glu: GL
             expert_M = torch.repeat_interleave(torch.arange(len(counts)), counts_t.long())
             expert_M = expert_M.to(x_MH.device, non_blocking=True)
         return grouped_experts(x_MH, offs, expert_M, experts, glu)
+    if not torch.is_grad_enabled() and experts.b_down is None:  # write in place, no cat
+        Fi = experts.w_down.shape[2]
+        act = getattr(glu, "in_place", glu)  # no autograd here: overwrite the gate half
+        out, start = x_MH.new_empty((x_MH.shape[0], experts.w_down.shape[1])), 0
+        for i, n in enumerate(counts):
+            if n:
+                gu = F.linear(x_MH[start : start + n], experts.w_gate_up[i],
+                              None if experts.b_gate_up is None else experts.b_gate_up[i])
+                torch.matmul(act(gu[:, :Fi], gu[:, Fi:]), experts.w_down[i].T,
+                             out=out[start : start + n])
+            start += n
+        return out
     outs, start = [], 0
     for i, n in enumerate(counts):  # loop over experts, not tokens
         # Empty slices run too: every rank's graph then has the same shape, so
@@ -238,17 +263,21 @@ def local_experts_forward(
 
     Returns ``(partial_NH, counts)``: ``[N, H]`` in ``x``'s dtype, and the
     number of (row, slot) pairs each local expert computed. Weighting and the
-    sum over a row's slots run in fp32 (the reference does the same).
+    sum over a row's few slots run in the model's dtype (see ``sum_rows``).
     """
     N, k = local_ids_NK.shape
     pair_M, counts = sort_by_local_expert(local_ids_NK, experts.w_down.shape[0])
+    if impl == "auto_rows":
+        impl = "loop" if sum(counts) >= LOOP_MIN_ROWS * len(counts) else "grouped_mm"
     if impl == "grouped_mm" and not grouped_mm_ok(experts):
         impl = "loop"
     rows_M = pair_M.div(k, rounding_mode="floor")
     y_MH = run_experts(x_NH.index_select(0, rows_M), counts, experts, glu, impl)
-    w_M1 = weights_NK.reshape(-1).index_select(0, pair_M).float().unsqueeze(1)
-    partial = sum_rows(y_MH.float() * w_M1, rows_M, pair_M % k, N, k)
-    return partial.to(x_NH.dtype), counts
+    # Each output row times its routing weight, rounded to the model's dtype (as
+    # transformers' Qwen and OLMoE do): in place, with no fp32 copy of y.
+    w_M1 = weights_NK.reshape(-1).index_select(0, pair_M).to(y_MH.dtype).unsqueeze(1)
+    y_MH = y_MH.mul_(w_M1) if not y_MH.requires_grad else y_MH * w_M1
+    return sum_rows(y_MH, rows_M, pair_M % k, N, k), counts
 
 
 def local_experts_forward_fixed(
@@ -272,6 +301,6 @@ def local_experts_forward_fixed(
     # past the last offset undefined, and this keeps it out of x's gradient.
     x_in = torch.where(valid, x_NH.index_select(0, rows), 0.0)
     y = grouped_experts(x_in, offs, key_sorted.clamp(max=e - 1), experts, glu, valid)
-    w = weights_NK.reshape(-1).index_select(0, order).float().unsqueeze(1)
-    contrib = torch.where(valid, y.float() * w, 0.0)  # rows past the last offset: undefined
-    return sum_rows(contrib, rows, order % k, N, k).to(x_NH.dtype)
+    w = weights_NK.reshape(-1).index_select(0, order).to(y.dtype).unsqueeze(1)
+    contrib = torch.where(valid, y * w, 0.0)  # rows past the last offset: undefined
+    return sum_rows(contrib, rows, order % k, N, k)

@@ -251,7 +251,11 @@ class ExpertParallelMoE(nn.Module):
 
     def _compute(self, received) -> tuple[Tensor, list[int] | None]:
         x_NH, local_ids_NK, w_NK = received
-        if self.dispatcher.fixed_shapes and grouped_mm_ok(self._experts()):
+        # Fixed shapes (no host sync: CUDA-graph safe) where a host sync costs
+        # something; on the CPU reading the counts is free, and the fixed path's
+        # gather of every padding slot is not.
+        if self.dispatcher.fixed_shapes and x_NH.device.type != "cpu" and \
+                grouped_mm_ok(self._experts()):
             return local_experts_forward_fixed(x_NH, local_ids_NK, w_NK, self._experts(),
                                                self._glu), None
         return local_experts_forward(x_NH, local_ids_NK, w_NK, self._experts(), self._glu,

@@ -6,6 +6,7 @@ So t0 needs ranks {0, 1}, t1 only rank 0 (both its experts there), t2 only rank 
 t3 ranks {0, 1}.
 """
 
+import pytest
 import torch
 
 import epmoe
@@ -79,3 +80,34 @@ def test_local_experts_forward_by_hand():
 
     want = torch.stack([0.6 * f(0, 0), 0.9 * f(1, 1) + 0.1 * f(1, 0), 0.2 * f(2, 1)])
     torch.testing.assert_close(y, want)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fixed_shape_experts_equal_the_counted_ones_forward_and_backward(bias):
+    """The no-host-sync expert path (low_latency on accelerators), here on the CPU."""
+    from epmoe.experts import local_experts_forward_fixed
+
+    g = torch.Generator().manual_seed(3)
+    e, H, F, N, k = 3, 16, 8, 11, 2
+    cfg = epmoe.MoEConfig(hidden_size=H, intermediate_size=F, num_experts=e)
+    glu = gated_activation(cfg)
+    ids = torch.randint(-1, e, (N, k), generator=g)
+    ids[2] = -1  # a padding row
+    w = torch.rand(N, k, generator=g)
+
+    def run(fn):
+        x = torch.randn(N, H, generator=torch.Generator().manual_seed(4)).requires_grad_()
+        gu = (0.3 * torch.randn(e, 2 * F, H, generator=torch.Generator().manual_seed(5)))
+        dn = (0.3 * torch.randn(e, H, F, generator=torch.Generator().manual_seed(6)))
+        bs = [0.1 * torch.randn(e, n, generator=torch.Generator().manual_seed(7)) for n in
+              (2 * F, H)] if bias else [None, None]
+        leaves = [t.requires_grad_() for t in [gu, dn, *bs] if t is not None]
+        experts = ExpertWeights(gu, dn, *bs)
+        y = fn(x, ids, w, experts)
+        (y * torch.arange(H)).sum().backward()
+        return [y.detach(), x.grad] + [t.grad for t in leaves]
+
+    fixed = run(lambda *a: local_experts_forward_fixed(*a, glu))
+    counted = run(lambda *a: local_experts_forward(*a, glu, "loop")[0])
+    for a, b in zip(fixed, counted, strict=True):
+        torch.testing.assert_close(a, b)

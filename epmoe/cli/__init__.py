@@ -11,6 +11,7 @@ import sys
 
 COMMANDS = {
     "generate": "greedy generation from a Hugging Face MoE checkpoint, expert-parallel",
+    "bench": "benchmark the MoE layer: presets, modes, dtypes, dispatch backends",
 }
 
 

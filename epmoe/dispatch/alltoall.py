@@ -84,8 +84,7 @@ class AllToAllDispatcher(Dispatcher):
 
         def summed() -> Tensor:
             back_PH = back.wait()
-            y = sum_rows(back_PH, h.send_token, h.send_slot, h.num_tokens, h.num_slots)
-            return y.to(partial_NH.dtype)
+            return sum_rows(back_PH, h.send_token, h.send_slot, h.num_tokens, h.num_slots)
 
         return Deferred(summed)
 
