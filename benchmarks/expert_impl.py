@@ -13,8 +13,10 @@ floor). ``epmoe.experts.choose_expert_impl`` encodes the choice.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -39,7 +41,7 @@ def gemms_only(x, counts, w):
     return out
 
 
-def main(reps: int = 15, threads: int = 1) -> list[dict]:
+def main(reps: int = 15, threads: int = 1, json_out: str | None = None) -> list[dict]:
     torch.set_num_threads(threads)
     rows = []
     for dtype in (torch.bfloat16, torch.float32):
@@ -49,9 +51,10 @@ def main(reps: int = 15, threads: int = 1) -> list[dict]:
                               0.02 * torch.randn(e, H, Fi).to(dtype))
             counts = [n] * e
             x = torch.randn(n * e, H).to(dtype)
-            fns = {"loop": lambda: run_experts(x, counts, w, glu, "loop"),
-                   "grouped_mm": lambda: run_experts(x, counts, w, glu, "grouped_mm"),
-                   "floor": lambda: gemms_only(x, counts, w)}
+            args = (x, counts, w)
+            fns = {"loop": lambda a=args, g=glu: run_experts(*a, g, "loop"),
+                   "grouped_mm": lambda a=args, g=glu: run_experts(*a, g, "grouped_mm"),
+                   "floor": lambda a=args: gemms_only(*a)}
             times = {k: [] for k in fns}
             with torch.no_grad():
                 for i in range(reps + 3):
@@ -67,6 +70,8 @@ def main(reps: int = 15, threads: int = 1) -> list[dict]:
             print(f"{rows[-1]['dtype']:9s} {name:17s} loop {med['loop']:8.2f} ms  grouped_mm "
                   f"{med['grouped_mm']:8.2f} ms  products alone {med['floor']:8.2f} ms  -> {best}",
                   flush=True)
+    if json_out:
+        Path(json_out).write_text(json.dumps(rows, indent=1) + "\n")
     return rows
 
 
@@ -74,4 +79,5 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", dest="json_out", default=None)
     main(**vars(p.parse_args()))

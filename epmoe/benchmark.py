@@ -66,6 +66,7 @@ class CaseResult:
     dispatch_bytes: int  # all bytes sent to other ranks in dispatch (with routing metadata)
     combine_bytes: int  # bytes sent to other ranks in combine
     max_abs_out: float  # of this rank's output: a sanity figure
+    dispatch_error: float | None = None  # low-precision dispatch: max |y - y_exact| / max |y|
 
 
 def _barrier(state: ParallelState) -> None:
@@ -143,6 +144,11 @@ def measure_case(config: MoEConfig, state: ParallelState, tokens: int, reps: int
     med = {k: statistics.median(v) for k, v in times.items()}
     phases = {k: v[warmup:] for k, v in phases.items()}
     floor = min(med["loop"], med.get("grouped", float("inf")))
+    error = None
+    if config.dispatch_dtype is not None:  # what the rounding on the wire costs
+        exact = ExpertParallelMoE(config.replace(dispatch_dtype=None), state, seed=seed)(x)
+        error = float((y.float() - exact.float()).abs().max() / exact.float().abs().max()) \
+            if y.numel() else 0.0
     G, me, H = state.ep_size, state.ep_rank, config.hidden_size
     item = torch.empty((), dtype=config.dtype).element_size()
     row = layer.dispatcher.token_bytes(H)
@@ -156,7 +162,7 @@ def measure_case(config: MoEConfig, state: ParallelState, tokens: int, reps: int
         min_token_bytes=sum(s.needed_rows[j] for j in remote) * H * item,
         dispatch_bytes=sum(s.dispatch_bytes[j] for j in remote),
         combine_bytes=sum(s.combine_bytes[j] for j in remote),
-        max_abs_out=float(y.float().abs().max()) if y.numel() else 0.0,
+        max_abs_out=float(y.float().abs().max()) if y.numel() else 0.0, dispatch_error=error,
     )
 
 
@@ -176,5 +182,7 @@ def summarize(per_rank: list[CaseResult]) -> dict:
         min_token_bytes=sum(r.min_token_bytes for r in per_rank),
         dispatch_bytes=sum(r.dispatch_bytes for r in per_rank),
         combine_bytes=sum(r.combine_bytes for r in per_rank),
+        dispatch_error=max((r.dispatch_error for r in per_rank if r.dispatch_error is not None),
+                           default=None),
         per_rank=[asdict(r) for r in per_rank],
     )
