@@ -8,7 +8,8 @@ of the EP group together. Per rank it measures, as medians of interleaved runs
   experts, combine) from the layer's own statistics;
 * the floor: the expert matrix products alone (gate/up and down, no
   activation, no routing, no communication) on the same rows per local
-  expert as the layer computed, in the same run;
+  expert as the layer computed, and the shared expert's on the rank's own
+  tokens, in the same run;
 * two empty all-to-alls (the latency any dispatch and combine must pay);
 * bytes sent: token bytes to remote ranks against the exact minimum (each
   token once per remote rank that holds one of its experts), and the whole
@@ -74,21 +75,33 @@ def _barrier(state: ParallelState) -> None:
         dist.barrier(group=state.ep_group)
 
 
-def _floor(x_MH, counts: list[int], layer: ExpertParallelMoE) -> None:
-    """The expert products alone, as a loop and as one grouped product: whichever is
-    faster is the floor (see ``benchmarks/expert_impl.py``)."""
+def _shared_products(x_TH, layer: ExpertParallelMoE) -> None:
+    if layer.config.shared_intermediate_size:  # the shared expert is an expert too
+        g = x_TH @ layer.shared_gate.T
+        x_TH @ layer.shared_up.T
+        g @ layer.shared_down.T
+
+
+def _floor(x_MH, counts: list[int], layer: ExpertParallelMoE, x_TH=None) -> None:
+    """The expert products alone (routed, and shared on this rank's tokens ``x_TH``), as
+    a loop or as one grouped product: whichever is faster is the floor (see
+    ``benchmarks/expert_impl.py``)."""
     w_gu, w_d, Fi = layer.w_gate_up, layer.w_down, layer.config.intermediate_size
     start = 0
     for i, n in enumerate(counts):
         gu = x_MH[start : start + n] @ w_gu[i].T
         gu[:, :Fi] @ w_d[i].T
         start += n
+    if x_TH is not None:
+        _shared_products(x_TH, layer)
 
 
-def _floor_grouped(x_MH, offs, layer: ExpertParallelMoE) -> None:
+def _floor_grouped(x_MH, offs, layer: ExpertParallelMoE, x_TH=None) -> None:
     Fi = layer.config.intermediate_size
     gu = torch.nn.functional.grouped_mm(x_MH, layer.w_gate_up.transpose(1, 2), offs=offs)
     torch.nn.functional.grouped_mm(gu[:, :Fi], layer.w_down.transpose(1, 2), offs=offs)
+    if x_TH is not None:
+        _shared_products(x_TH, layer)
 
 
 def _empty_a2a(state: ParallelState) -> None:
@@ -126,8 +139,8 @@ def measure_case(config: MoEConfig, state: ParallelState, tokens: int, reps: int
     xm = torch.randn(sum(counts), config.hidden_size, generator=gen).to(config.dtype)
     xm = xm.to(state.device)
     offs = torch.tensor(counts).cumsum(0).to(torch.int32).to(state.device)
-    runs = {"layer": layer_with_phases, "loop": lambda: _floor(xm, counts, layer),
-            "grouped": lambda: _floor_grouped(xm, offs, layer),
+    runs = {"layer": layer_with_phases, "loop": lambda: _floor(xm, counts, layer, x),
+            "grouped": lambda: _floor_grouped(xm, offs, layer, x),
             "a2a": lambda: _empty_a2a(state)}
     if not hasattr(torch.nn.functional, "grouped_mm"):
         runs.pop("grouped")

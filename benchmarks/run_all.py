@@ -1,0 +1,241 @@
+"""Run every benchmark and write ``benchmarks/RESULTS.md`` (and the raw JSON, and a PNG).
+
+    python benchmarks/run_all.py            # about 30 minutes on 2 cores
+    python benchmarks/run_all.py --quick    # fewer repetitions and cases, for a smoke run
+
+Needs the ``bench`` extra (transformers' EP needs accelerate) and, for the
+torchtitan peer, ``pip install --no-deps torchtitan==0.3.0 spmd_types==0.2.3
+triton==3.9.0 tyro docstring-parser typeguard`` (it is skipped, with the
+reason, without them). Each part runs in fresh processes: 2 ranks of 1 thread
+each (torchrun's default) unless said otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+
+
+def sh(cmd: list[str], timeout: int = 3600) -> str:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    print("+", " ".join(cmd), flush=True)
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    if p.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    return p.stdout
+
+
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+            *args]
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "torchtitan", "accelerate"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001
+            out[name] = "not installed"
+    return out
+
+
+def machine() -> str:
+    try:
+        model = next(ln.split(":", 1)[1].strip() for ln in
+                     Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor()
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{model}, {os.cpu_count()} cores, {mem:.0f} GiB, no GPU"
+
+
+def main(quick: bool = False) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    day = datetime.date.today().isoformat()
+    reps = "5" if quick else "15"
+    raw: dict = {"date": day, "machine": machine(), "versions": versions()}
+
+    f = RESULTS / f"expert_impl_{day}.json"
+    sh([sys.executable, "benchmarks/expert_impl.py", "--reps", "5" if quick else "11",
+        "--json", str(f)])
+    raw["expert_impl"] = json.loads(f.read_text())
+
+    f = RESULTS / f"compare_{day}.json"
+    sh(torchrun("benchmarks/compare.py", "--reps", reps, "--json", str(f)))
+    raw["compare"] = json.loads(f.read_text())
+
+    f, png = RESULTS / f"bench_{day}.json", RESULTS / f"bench_{day}.png"
+    sweep = ["--reps", "3" if quick else "5"]
+    if quick:
+        sweep += ["--tokens", "2048", "--tokens", "8"]
+    sh(torchrun("-m", "epmoe", "bench", *sweep, "--json", str(f), "--plot", str(png),
+                "--force-cpu"), timeout=7200)
+    raw["bench"] = json.loads(f.read_text())
+
+    raw["low_precision"] = []
+    for dtype, codecs in (("bfloat16", ["float8_e4m3"]), ("float32", ["bfloat16", "float8_e4m3"])):
+        for codec in [None, *codecs]:
+            f = RESULTS / f"lowp_{dtype}_{codec}_{day}.json"
+            extra = ["--dispatch-dtype", codec] if codec else []
+            sh(torchrun("-m", "epmoe", "bench", "--preset", "mixtral", "--mode", "prefill",
+                        "--tokens", "2048", "--dtype", dtype, "--backend", "alltoall",
+                        "--reps", "3" if quick else "7", *extra, "--json", str(f),
+                        "--force-cpu"))
+            raw["low_precision"] += json.loads(f.read_text())["results"]
+            f.unlink()
+
+    if not quick:
+        sh([sys.executable, "benchmarks/hf_peer.py", "--reps", "15"])
+        raw["hf_peer"] = json.loads((RESULTS / f"hf_peer_{day}.json").read_text())
+        out = sh(torchrun("benchmarks/shared_overlap.py", "--reps", "31"))
+        out += sh(torchrun("benchmarks/shared_overlap.py", "--reps", "31", "--tokens", "256"))
+        raw["shared_overlap"] = out
+    (RESULTS / f"all_{day}.json").write_text(json.dumps(raw, indent=1) + "\n")
+    (HERE / "RESULTS.md").write_text(report(raw, png.name))
+    print(f"wrote {HERE / 'RESULTS.md'}")
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _ms(v: float) -> str:
+    return f"{v:.2f}" if v < 10 else f"{v:.1f}"
+
+
+def targets(raw: dict) -> list[str]:
+    cmp = {r["tokens_per_rank"]: r for r in raw["compare"]}
+    rows = ["| target | measured | met |", "| --- | --- | --- |"]
+
+    def best(ms: dict, prefix: str) -> tuple[str, float]:
+        return min(((n, v) for n, v in ms.items() if n.startswith(prefix)), key=lambda t: t[1])
+
+    if 2048 in cmp:
+        ms = cmp[2048]["ms"]
+        name, ours = best(ms, "epmoe")
+        eff = cmp[2048]["floor_ms"] / ours
+        rows.append(f"| prefill 2048/rank: efficiency >= 0.9 | {eff:.2f} ({name}: "
+                    f"{_ms(ours)} ms, floor {_ms(cmp[2048]['floor_ms'])} ms) | "
+                    f"{'yes' if eff >= 0.9 else 'no'} |")
+        for peer, goal in (("transformers EP", 1.5), ("torchtitan EP", 1.3)):
+            if any(n.startswith(peer) for n in ms):
+                pn, pv = best(ms, peer)
+                rows.append(f"| prefill: >= {goal}x faster than {peer} | {pv / ours:.2f}x "
+                            f"({pn} {_ms(pv)} ms) | {'yes' if pv / ours >= goal else 'no'} |")
+    if 8 in cmp:
+        ms = cmp[8]["ms"]
+        name, ours = best(ms, "epmoe")
+        for peer in ("transformers EP", "torchtitan EP"):
+            if any(n.startswith(peer) for n in ms):
+                pn, pv = best(ms, peer)
+                rows.append(f"| decode 8/rank: faster than {peer} | {pv / ours:.2f}x ({name} "
+                            f"{_ms(ours)} ms, {pn} {_ms(pv)} ms) | {'yes' if ours < pv else 'no'} |")
+        bound = cmp[8]["floor_ms"] + 2 * ms["empty all-to-all"]
+        rows.append(f"| decode: within 1.2x of floor + 2 empty all-to-alls | {ours / bound:.2f}x "
+                    f"({_ms(ours)} ms against {_ms(bound)} ms) | "
+                    f"{'yes' if ours <= 1.2 * bound else 'no'} |")
+    lowp = [r for r in raw["low_precision"] if r["dtype"] == "bfloat16"]
+    exact = next((r for r in lowp if r["dispatch_dtype"] is None), None)
+    fp8 = next((r for r in lowp if r["dispatch_dtype"] == "float8_e4m3"), None)
+    if exact:
+        ratio = exact["remote_token_bytes"] / exact["min_token_bytes"]
+        rows.append(f"| alltoall token bytes = the exact minimum | {ratio:.3f} of it | "
+                    f"{'yes' if ratio == 1 else 'no'} |")
+    if exact and fp8:
+        half = fp8["remote_token_bytes"] / exact["min_token_bytes"]
+        rows.append(f"| fp8 dispatch: half of it | {half:.3f} of it (the 4-byte scale per "
+                    f"token) | {'yes' if half <= 0.51 else 'no'} |")
+    return rows
+
+
+def compare_tables(raw: dict) -> list[str]:
+    out = []
+    for r in raw["compare"]:
+        ms = r["ms"]
+        ours = min(v for n, v in ms.items() if n.startswith("epmoe"))
+        out += ["", f"**{r['tokens_per_rank']} tokens per rank** (each contender checked "
+                "against the fp32 reference first; times: median ms of the slower rank)", "",
+                "| contender | ms | relative to the fastest epmoe |", "| --- | --- | --- |"]
+        for n, v in sorted(ms.items(), key=lambda kv: kv[1]):
+            out.append(f"| {n} | {_ms(v)} | {v / ours:.2f}x |")
+        for n, why in r["notes"].items():
+            out.append(f"| {n} | not run: {why} | |")
+        for n, ok in r["passed"].items():
+            if not ok:
+                out.append(f"| {n} | failed its check: {r['checks'][n]} | |")
+    return out
+
+
+def bench_table(raw: dict) -> list[str]:
+    out = ["| preset | mode | tokens/rank | dtype | backend | tokens/s | layer ms | floor ms | "
+           "efficiency | token bytes / minimum | imbalance |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in raw["bench"]["results"]:
+        ratio = r["remote_token_bytes"] / r["min_token_bytes"] if r["min_token_bytes"] else 1
+        out.append(f"| {r['preset']} | {r['mode']} | {r['tokens_per_rank']} | {r['dtype']} | "
+                   f"{r['backend']} | {r['tokens_per_s']:.0f} | {_ms(r['layer_ms'])} | "
+                   f"{_ms(r['floor_ms'])} | {r['efficiency']:.2f} | {ratio:.2f} | "
+                   f"{r['imbalance']:.2f} |")
+    return out
+
+
+def report(raw: dict, png: str) -> str:
+    v = raw["versions"]
+    lines = [
+        "# Benchmark results", "",
+        f"Generated by `python benchmarks/run_all.py` on {raw['date']}: {raw['machine']}; "
+        f"Python {v['python']}, torch {v['torch']}, transformers {v['transformers']}, "
+        f"torchtitan {v['torchtitan']}, accelerate {v['accelerate']}; gloo. "
+        "Unless said otherwise: 2 ranks of 1 thread each.",
+        "",
+        "The machine is shared and noisy (the same matrix product took 8 ms in one minute "
+        "and 21 ms in another): every figure is a median of interleaved runs, and only "
+        "ratios measured in the same run are compared. The floor is the expert matrix "
+        "products alone (gate/up and down, no activation) on the same rows per expert, "
+        "whichever of a loop and grouped_mm is faster; efficiency = floor / layer time.",
+        "", "## Targets (Mixtral-like, bf16)", "", *targets(raw),
+        "", "## Beside the peers (Mixtral-like, bf16, `benchmarks/compare.py`)",
+        *compare_tables(raw),
+        "", "## Expert implementations (`benchmarks/expert_impl.py`, one thread)", "",
+        "| dtype | shape | loop ms | grouped_mm ms | products alone ms | faster |",
+        "| --- | --- | --- | --- | --- | --- |",
+        *[f"| {r['dtype']} | {r['shape']} | {_ms(r['loop'])} | {_ms(r['grouped_mm'])} | "
+          f"{_ms(r['floor'])} | {r['best']} |" for r in raw["expert_impl"]],
+        "", "`expert_impl=\"auto\"` on the CPU takes the loop from 512 rows per local expert on "
+        "average and grouped_mm below (`epmoe.experts.choose_expert_impl`).",
+        "", "## Low-precision dispatch (Mixtral-like, prefill 2048/rank, alltoall)", "",
+        "| model dtype | tokens travel as | token bytes / exact minimum (model dtype) | "
+        "max error / max output | layer ms |", "| --- | --- | --- | --- | --- |",
+        *[f"| {r['dtype']} | {r['dispatch_dtype'] or r['dtype']} | "
+          f"{r['remote_token_bytes'] / r['min_token_bytes']:.3f} | "
+          f"{r['dispatch_error'] if r['dispatch_error'] is not None else 0:.2g} | "
+          f"{_ms(r['layer_ms'])} |" for r in raw["low_precision"]],
+        "", "## Every preset, mode, dtype and backend (`python -m epmoe bench`)", "",
+        f"Plot: `results/{png}`.", "", *bench_table(raw),
+    ]
+    if "hf_peer" in raw:
+        sys.path.insert(0, str(HERE))
+        from hf_peer import table
+
+        lines += ["", "## Hugging Face checkpoint: memory per rank, and transformers' own EP",
+                  "", "`python benchmarks/hf_peer.py --reps 15`:", "", table(raw["hf_peer"])]
+    if "shared_overlap" in raw:
+        lines += ["", "## Shared expert during dispatch (`benchmarks/shared_overlap.py`)", "",
+                  "```", raw["shared_overlap"].strip(), "```"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true")
+    main(**vars(p.parse_args()))
