@@ -138,8 +138,9 @@ def targets(raw: dict) -> list[str]:
         for peer in ("transformers EP", "torchtitan EP"):
             if any(n.startswith(peer) for n in ms):
                 pn, pv = best(ms, peer)
+                met = "yes" if ours < pv else "no"
                 rows.append(f"| decode 8/rank: faster than {peer} | {pv / ours:.2f}x ({name} "
-                            f"{_ms(ours)} ms, {pn} {_ms(pv)} ms) | {'yes' if ours < pv else 'no'} |")
+                            f"{_ms(ours)} ms, {pn} {_ms(pv)} ms) | {met} |")
         bound = cmp[8]["floor_ms"] + 2 * ms["empty all-to-all"]
         rows.append(f"| decode: within 1.2x of floor + 2 empty all-to-alls | {ours / bound:.2f}x "
                     f"({_ms(ours)} ms against {_ms(bound)} ms) | "

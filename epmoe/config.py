@@ -76,6 +76,9 @@ class MoEConfig:
     routed_scaling_factor: float = 1.0  # routed experts' weights scaled by this (DeepSeek)
 
     # --- experts ---
+    weigh_in_fp32: bool = False  # weigh expert outputs and sum a row's in fp32, then round
+    #   (transformers' Mixtral, DeepSeek); False: in dtype, the weight rounded first (Qwen,
+    #   OLMoE, GPT-OSS), which needs no fp32 copy. The same in an fp32 model.
     expert_bias: bool = False  # biases on every expert's gate, up and down projections (GPT-OSS)
     swiglu_alpha: float = 1.702  # clamped_swiglu: out = (up + 1) * gate * sigmoid(alpha * gate)
     swiglu_limit: float = 7.0  # clamped_swiglu: gate <= limit, -limit <= up <= limit
@@ -126,7 +129,7 @@ class MoEConfig:
                              ">= 1: its buffers hold that many tokens per rank pair")
         for name in ("renormalize", "router_bias", "router_fp32", "score_correction_bias",
                      "expert_bias", "shared_expert_gate", "overlap_shared",
-                     "overlap_microbatches"):
+                     "overlap_microbatches", "weigh_in_fp32"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MoEConfig.{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("routed_scaling_factor", "swiglu_alpha", "swiglu_limit"):

@@ -255,15 +255,26 @@ def run_experts(x_MH: Tensor, counts: list[int], experts: ExpertWeights, glu: GL
     return torch.cat(outs)
 
 
+def weigh(y_MH: Tensor, w_M: Tensor, in_fp32: bool) -> Tensor:
+    """Each output row times its fp32 routing weight: in ``y``'s dtype, the weight
+    rounded first (in place when no gradient is needed: no fp32 copy of y), or, with
+    ``in_fp32``, in fp32 (the result stays fp32, for a fp32 sum)."""
+    if in_fp32 and y_MH.dtype != torch.float32:
+        return y_MH.float() * w_M.float().unsqueeze(1)
+    w_M1 = w_M.to(y_MH.dtype).unsqueeze(1)
+    return y_MH.mul_(w_M1) if not y_MH.requires_grad else y_MH * w_M1
+
+
 def local_experts_forward(
     x_NH: Tensor, local_ids_NK: Tensor, weights_NK: Tensor, experts: ExpertWeights, glu: GLU,
-    impl: str = "loop",
+    impl: str = "loop", weigh_in_fp32: bool = False,
 ) -> tuple[Tensor, list[int]]:
     """Each received row's weighted sum over the slots whose expert is local.
 
     Returns ``(partial_NH, counts)``: ``[N, H]`` in ``x``'s dtype, and the
     number of (row, slot) pairs each local expert computed. Weighting and the
-    sum over a row's few slots run in the model's dtype (see ``sum_rows``).
+    sum over a row's few slots run in the model's dtype (see ``sum_rows``), or in
+    fp32 with ``weigh_in_fp32``.
     """
     N, k = local_ids_NK.shape
     pair_M, counts = sort_by_local_expert(local_ids_NK, experts.w_down.shape[0])
@@ -273,15 +284,13 @@ def local_experts_forward(
         impl = "loop"
     rows_M = pair_M.div(k, rounding_mode="floor")
     y_MH = run_experts(x_NH.index_select(0, rows_M), counts, experts, glu, impl)
-    # Each output row times its routing weight, rounded to the model's dtype (as
-    # transformers' Qwen and OLMoE do): in place, with no fp32 copy of y.
-    w_M1 = weights_NK.reshape(-1).index_select(0, pair_M).to(y_MH.dtype).unsqueeze(1)
-    y_MH = y_MH.mul_(w_M1) if not y_MH.requires_grad else y_MH * w_M1
-    return sum_rows(y_MH, rows_M, pair_M % k, N, k), counts
+    y_MH = weigh(y_MH, weights_NK.reshape(-1).index_select(0, pair_M), weigh_in_fp32)
+    return sum_rows(y_MH, rows_M, pair_M % k, N, k).to(x_NH.dtype), counts
 
 
 def local_experts_forward_fixed(
     x_NH: Tensor, local_ids_NK: Tensor, weights_NK: Tensor, experts: ExpertWeights, glu: GLU,
+    weigh_in_fp32: bool = False,
 ) -> Tensor:
     """:func:`local_experts_forward` without a host sync: every one of the ``N * k``
     slots is gathered (absent ones sorted last and masked out), and the expert
@@ -301,6 +310,6 @@ def local_experts_forward_fixed(
     # past the last offset undefined, and this keeps it out of x's gradient.
     x_in = torch.where(valid, x_NH.index_select(0, rows), 0.0)
     y = grouped_experts(x_in, offs, key_sorted.clamp(max=e - 1), experts, glu, valid)
-    w = weights_NK.reshape(-1).index_select(0, order).to(y.dtype).unsqueeze(1)
-    contrib = torch.where(valid, y * w, 0.0)  # rows past the last offset: undefined
-    return sum_rows(contrib, rows, order % k, N, k)
+    w = weights_NK.reshape(-1).index_select(0, order)
+    contrib = torch.where(valid, weigh(y, w, weigh_in_fp32), 0.0)  # past the last offset: junk
+    return sum_rows(contrib, rows, order % k, N, k).to(x_NH.dtype)

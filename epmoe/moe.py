@@ -257,9 +257,9 @@ class ExpertParallelMoE(nn.Module):
         if self.dispatcher.fixed_shapes and x_NH.device.type != "cpu" and \
                 grouped_mm_ok(self._experts()):
             return local_experts_forward_fixed(x_NH, local_ids_NK, w_NK, self._experts(),
-                                               self._glu), None
+                                               self._glu, self.config.weigh_in_fp32), None
         return local_experts_forward(x_NH, local_ids_NK, w_NK, self._experts(), self._glu,
-                                     self.expert_impl)
+                                     self.expert_impl, self.config.weigh_in_fp32)
 
     def _count(self, handle, counts: list[int] | None, received) -> None:
         wire = self.dispatcher.wire(handle)

@@ -58,11 +58,11 @@ def _act(cfg) -> str:
 
 
 def _softmax_family(experts_attr: str, ffn_attr: str, renorm: Callable[[object], bool],
-                    shared: bool = False) -> Callable[[object], dict]:
+                    shared: bool = False, fp32_weights: bool = False) -> Callable[[object], dict]:
     def fields(cfg) -> dict:
         out = dict(num_experts=getattr(cfg, experts_attr),
                    intermediate_size=getattr(cfg, ffn_attr), renormalize=renorm(cfg),
-                   activation=_act(cfg))
+                   activation=_act(cfg), weigh_in_fp32=fp32_weights)
         if shared:
             out.update(shared_intermediate_size=cfg.shared_expert_intermediate_size,
                        shared_expert_gate=True)
@@ -76,6 +76,7 @@ def _deepseek_v3(cfg) -> dict:
                 score_correction_bias=True, n_group=cfg.n_group or 1,
                 topk_group=cfg.topk_group or 1, group_scoring="top2_sum",
                 routed_scaling_factor=float(cfg.routed_scaling_factor), activation=_act(cfg),
+                weigh_in_fp32=True,
                 shared_intermediate_size=cfg.moe_intermediate_size * (cfg.n_shared_experts or 0))
 
 
@@ -92,7 +93,7 @@ def _deepseek_v2(cfg) -> dict:
                 scoring="softmax", renormalize=False, router_fp32=True,
                 n_group=cfg.n_group if grouped else 1, topk_group=cfg.topk_group if grouped else 1,
                 group_scoring="max", routed_scaling_factor=float(cfg.routed_scaling_factor),
-                activation=_act(cfg),
+                activation=_act(cfg), weigh_in_fp32=True,
                 shared_intermediate_size=cfg.moe_intermediate_size * (cfg.n_shared_experts or 0))
 
 
@@ -107,7 +108,8 @@ PROJ = ("gate_proj", "up_proj", "down_proj")
 FAMILIES: dict[str, Family] = {f.model_type: f for f in [
     Family("mixtral", "MixtralSparseMoeBlock", ("block_sparse_moe", "mlp"), "gate",
            ("w1", "w3", "w2"), "concat", None, False,
-           _softmax_family("num_local_experts", "intermediate_size", lambda c: True)),
+           _softmax_family("num_local_experts", "intermediate_size", lambda c: True,
+                           fp32_weights=True)),
     Family("qwen3_moe", "Qwen3MoeSparseMoeBlock", ("mlp",), "gate", PROJ, "concat", None, False,
            _softmax_family("num_experts", "moe_intermediate_size",
                            lambda c: bool(c.norm_topk_prob))),
