@@ -197,5 +197,5 @@ def summarize(per_rank: list[CaseResult]) -> dict:
         combine_bytes=sum(r.combine_bytes for r in per_rank),
         dispatch_error=max((r.dispatch_error for r in per_rank if r.dispatch_error is not None),
                            default=None),
-        per_rank=[asdict(r) for r in per_rank],
+        per_rank=[{**asdict(r), "tokens_per_s": 1e3 * r.tokens / r.layer_ms} for r in per_rank],
     )
