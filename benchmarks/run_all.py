@@ -2,6 +2,7 @@
 
     python benchmarks/run_all.py            # about 30 minutes on 2 cores
     python benchmarks/run_all.py --quick    # fewer repetitions and cases, for a smoke run
+    python benchmarks/run_all.py --rebuild benchmarks/results/all_<date>.json
 
 Needs the ``bench`` extra (transformers' EP needs accelerate) and, for the
 torchtitan peer, ``pip install --no-deps torchtitan==0.3.0 spmd_types==0.2.3
@@ -35,9 +36,9 @@ def sh(cmd: list[str], timeout: int = 3600) -> str:
     return p.stdout
 
 
-def torchrun(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-            *args]
+def torchrun(*args: str, nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            "--standalone", *args]
 
 
 def versions() -> dict:
@@ -95,6 +96,7 @@ def main(quick: bool = False) -> None:
             raw["low_precision"] += json.loads(f.read_text())["results"]
             f.unlink()
 
+    raw["profile"] = profile(day)
     if not quick:
         sh([sys.executable, "benchmarks/hf_peer.py", "--reps", "15"])
         raw["hf_peer"] = json.loads((RESULTS / f"hf_peer_{day}.json").read_text())
@@ -106,7 +108,65 @@ def main(quick: bool = False) -> None:
     print(f"wrote {HERE / 'RESULTS.md'}")
 
 
+def profile(day: str) -> list[dict]:
+    out = []
+    for tokens, backend, nproc in ((2048, "alltoall", 1), (2048, "alltoall", 2),
+                                   (8, "low_latency", 2)):
+        f = RESULTS / f"profile_{backend}_{tokens}_{day}.json"
+        sh(torchrun("benchmarks/profile_layer.py", "--tokens", str(tokens), "--backend", backend,
+                    "--reps", "20" if tokens < 100 else "8", "--json", str(f), nproc=nproc))
+        out.append({**json.loads(f.read_text()), "nproc": nproc})
+        f.unlink()
+    return out
+
+
+def rebuild(raw_json: str) -> None:
+    """The report again from a run's raw figures, with a fresh profile."""
+    raw = json.loads(Path(raw_json).read_text())
+    raw["profile"] = profile(raw["date"])
+    Path(raw_json).write_text(json.dumps(raw, indent=1) + "\n")
+    (HERE / "RESULTS.md").write_text(report(raw, f"bench_{raw['date']}.png"))
+    print(f"wrote {HERE / 'RESULTS.md'}")
+
+
 # --------------------------------------------------------------------------- report
+
+
+def profile_tables(raw: dict) -> list[str]:
+    out = ["", "## Where the time goes (`benchmarks/profile_layer.py`, torch.profiler)", "",
+           "Self time of every operator of a forward, summed by kind of work, per rank; "
+           "\"outside any operator\" is the wall time left: waiting for the peer's rows (its "
+           "transfer and its own slower work) and Python.", ""]
+    for p in raw.get("profile", []):
+        for r in p["ranks"]:
+            out.append(f"- {p['backend']}, {p.get('nproc', 2)} rank(s), {p['tokens']} tokens "
+                       f"per rank, rank {r['rank']} "
+                       f"({r['ms_per_forward']:.1f} ms per forward under the profiler): "
+                       + "; ".join(f"{k} {100 * v:.1f}%" for k, v in r["shares"].items()))
+    solo = [p["ranks"][0]["shares"] for p in raw.get("profile", []) if p.get("nproc") == 1]
+    act = [100 * r["shares"].get("activation (silu, mul)", 0.0) for p in raw.get("profile", [])
+           if p["tokens"] == 2048 for r in p["ranks"]]
+    mlp = [r["loop"] / r["floor"] for r in raw["expert_impl"] if r["shape"] == "mixtral prefill"]
+    cmp = {r["tokens_per_rank"]: r for r in raw["compare"]}
+    peers = [v for n, v in cmp.get(2048, {}).get("ms", {}).items() if " EP" in n]
+    if act and mlp and peers:
+        mm = 100 * solo[0].get("matrix products", 0.0) if solo else float("nan")
+        out += ["", "What bounds the prefill targets: on one process, with no peer to wait "
+                f"for, the matrix products are {mm:.1f}% of the forward; the rest is the "
+                "activation (one elementwise pass over the [rows, 2F] gate/up output: silu and "
+                f"a product, {min(act):.1f}-{max(act):.1f}% of a prefill forward above), the "
+                "weighted row sums, the gathers, and routing. On 2 ranks add the time a rank "
+                "spends outside any operator, waiting for the other's rows: their transfer "
+                "(gloo copies through loopback sockets on the same 2 cores) and the other "
+                "rank's slower work (this machine's two cores run at different speeds from "
+                "minute to minute; the profiler itself adds to both). transformers' and "
+                "torchtitan's EP run the same matrix products, so nothing can beat the fastest "
+                "of them by more than its distance to the floor "
+                f"({min(peers) / cmp[2048]['floor_ms']:.2f}x in the table above) without "
+                "faster matrix products. (`benchmarks/expert_impl.py` timed whole expert MLPs "
+                f"at {'/'.join(f'{m:.2f}' for m in mlp)}x the products alone, bf16 and fp32.)"]
+    return out
+
 
 
 def _ms(v: float) -> str:
@@ -206,7 +266,7 @@ def report(raw: dict, png: str) -> str:
         "whichever of a loop and grouped_mm is faster; efficiency = floor / layer time.",
         "", "## Targets (Mixtral-like, bf16)", "", *targets(raw),
         "", "## Beside the peers (Mixtral-like, bf16, `benchmarks/compare.py`)",
-        *compare_tables(raw),
+        *compare_tables(raw), *profile_tables(raw),
         "", "## Expert implementations (`benchmarks/expert_impl.py`, one thread)", "",
         "| dtype | shape | loop ms | grouped_mm ms | products alone ms | faster |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -239,4 +299,10 @@ def report(raw: dict, png: str) -> str:
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
-    main(**vars(p.parse_args()))
+    p.add_argument("--rebuild", metavar="RAW_JSON", help="rewrite RESULTS.md from a run's "
+                   "results/all_<date>.json, with a fresh profile")
+    a = p.parse_args()
+    if a.rebuild:
+        rebuild(a.rebuild)
+    else:
+        main(a.quick)
