@@ -8,6 +8,7 @@ settings, as read from a Hugging Face config, are in ``epmoe.hf.families``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ GROUP_SCORINGS = ("top2_sum", "max")
 BACKENDS = ("alltoall", "allgather_reducescatter", "low_latency")
 EXPERT_IMPLS = ("auto", "loop", "grouped_mm")
 DISPATCH_DTYPES = (None, "bfloat16", "float8_e4m3")
+NONFINITE = ("raise", "propagate")
 
 # Names accepted for `dtype`, besides a torch.dtype itself.
 _DTYPES = {
@@ -99,6 +101,14 @@ class MoEConfig:
     overlap_microbatches: bool = False  # split the tokens in two: one half dispatches while
     #                                     the other computes
 
+    # --- safety ---
+    nonfinite: str = "raise"  # NaN/Inf in a rank's tokens or router scores: "raise" on every
+    #   rank (reads one flag per forward), or "propagate": no check; a non-finite token
+    #   gives non-finite output rows of its own and leaves every other token exact
+    max_chunk_tokens: int = 8192  # a forward of more tokens on some rank runs in chunks of at
+    #   most this many tokens per rank (all ranks take the same number of chunks), which
+    #   bounds the rows a rank receives, however the tokens route, to G * max_chunk_tokens
+
     def __post_init__(self) -> None:
         for name in ("hidden_size", "intermediate_size", "num_experts", "top_k", "n_group",
                      "topk_group"):
@@ -121,6 +131,10 @@ class MoEConfig:
         _check_choice("all2all_backend", self.all2all_backend, BACKENDS)
         _check_choice("expert_impl", self.expert_impl, EXPERT_IMPLS)
         _check_choice("dispatch_dtype", self.dispatch_dtype, DISPATCH_DTYPES)
+        _check_choice("nonfinite", self.nonfinite, NONFINITE)
+        c = self.max_chunk_tokens
+        if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+            raise ValueError(f"MoEConfig.max_chunk_tokens must be a positive int, got {c!r}")
         m = self.max_tokens_per_rank
         if isinstance(m, bool) or not isinstance(m, int) or m < 0:
             raise ValueError(f"MoEConfig.max_tokens_per_rank must be an int >= 0, got {m!r}")
@@ -175,6 +189,17 @@ class MoEConfig:
                 f"MoEConfig.num_experts={self.num_experts} must be >= ep_size={ep_size}: "
                 f"every EP rank holds at least one expert (use ep_size <= {self.num_experts})"
             )
+
+    def fingerprint(self) -> int:
+        """A 63-bit hash of every field, equal on every host and Python process."""
+        text = repr([(f.name, str(getattr(self, f.name))) for f in dataclasses.fields(self)])
+        return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
+
+    def differences(self, other: MoEConfig) -> dict[str, tuple[object, object]]:
+        """``{field: (self's value, other's value)}`` of the fields that differ."""
+        return {f.name: (getattr(self, f.name), getattr(other, f.name))
+                for f in dataclasses.fields(self)
+                if str(getattr(self, f.name)) != str(getattr(other, f.name))}
 
     def replace(self, **changes) -> MoEConfig:
         """A new, validated config with some fields changed."""

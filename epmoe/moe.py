@@ -16,11 +16,13 @@ E = experts (global), e = experts on this rank, k = top_k, G = EP ranks.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import MoEConfig
 from .dispatch import make_dispatcher
+from .errors import InputError, Problem
 from .experts import (
     ExpertWeights,
     choose_expert_impl,
@@ -32,7 +34,8 @@ from .experts import (
     local_experts_forward,
     local_experts_forward_fixed,
 )
-from .parallel_state import ParallelState
+from .health import guarded
+from .parallel_state import ParallelState, gather_ints
 from .placement import expert_map
 from .router import route
 from .stats import MoEStats, PhaseTimer
@@ -85,11 +88,14 @@ class ExpertParallelMoE(nn.Module):
         *,
         seed: int | None = 0,
         collect_stats: bool = False,
+        name: str = "the MoE layer",
     ) -> None:
         super().__init__()
         config.check_ep_size(state.ep_size)
         self.config = config
         self.state = state
+        self.name = name  # how errors name this layer ("layer 3")
+        self._check_same_config()
         self.collect_stats = collect_stats  # fill self.last_stats on every forward
         self.last_stats: MoEStats | None = None
         # Token rows put on the wire to each EP rank over all forwards (the entry for
@@ -123,6 +129,8 @@ class ExpertParallelMoE(nn.Module):
         self.register_buffer("local_index", self.expert_map.local_index_tensor(dev),
                              persistent=False)
         self.dispatcher = make_dispatcher(config, state, self.owner, self.local_index)
+        self.dispatcher.where = f"the dispatch of {name}"
+        self.chunks = 0  # dispatch rounds over all forwards (a forward may take several)
         impl = config.expert_impl
         self.expert_impl = choose_expert_impl(dev, dt) if impl == "auto" else impl
         if seed is not None:
@@ -198,56 +206,91 @@ class ExpertParallelMoE(nn.Module):
         return y_TH
 
     def forward(self, x_TH: Tensor) -> Tensor:
-        self._check_input(x_TH)
+        """``x [T, H] -> y [T, H]``, in chunks of at most ``config.max_chunk_tokens``
+        tokens per rank; every rank of the EP group takes the same number of chunks
+        (each dispatch tells the others whether a rank has tokens left). Bad input on
+        any rank raises on every rank, at the first dispatch (:mod:`epmoe.errors`)."""
+        c = self.config
+        error = self._check_input(x_TH)
+        if error is not None:  # join the group's first dispatch with no tokens, then raise
+            x_TH = torch.empty((0, c.hidden_size), dtype=c.dtype, device=self.state.device)
+        T = x_TH.shape[0]
+        # low_latency: one round (its limit is max_tokens_per_rank); else chunks.
+        step = max(T, 1) if c.all2all_backend == "low_latency" else c.max_chunk_tokens
+        outs, start = [], 0
+        while True:  # until no rank has tokens left
+            end = min(start + step, T)
+            y_TH, more_anywhere = self._chunk(x_TH[start:end], error, end < T)
+            outs.append(y_TH)
+            start = end
+            if not more_anywhere:
+                return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _chunk(self, x_TH: Tensor, error, more: bool) -> tuple[Tensor, bool]:
         c, s = self.config, self.state
+        self.chunks += 1
         timer = PhaseTimer(self.collect_stats, s.device)
         timer.start()
         weights_TK, ids_TK = route(x_TH, self.router_weight, c, self.weight("router_bias"),
                                    self.weight("score_correction_bias"))
+        if error is None and c.nonfinite == "raise":
+            error = self._check_finite(x_TH, weights_TK)
         timer.lap("router")
         if c.overlap_microbatches and not self.collect_stats:
-            y_TH = self._two_microbatches(x_TH, weights_TK, ids_TK)
+            y_TH, more = self._two_microbatches(x_TH, weights_TK, ids_TK, error, more)
         else:
-            y_TH = self._one_batch(x_TH, weights_TK, ids_TK, timer)
+            y_TH, more = self._one_batch(x_TH, weights_TK, ids_TK, timer, error, more)
         if self.collect_stats:
             self.last_stats = self._stats(x_TH, ids_TK, timer.seconds)
-        return y_TH
+        return y_TH, more
+
+    def _guard(self, phase: str):
+        s = self.state
+        return guarded(s.heartbeat, f"the {phase} of {self.name}", s.ep_ranks)
 
     def _one_batch(self, x_TH: Tensor, weights_TK: Tensor, ids_TK: Tensor,
-                   timer: PhaseTimer) -> Tensor:
+                   timer: PhaseTimer, error, more: bool) -> tuple[Tensor, bool]:
         c = self.config
         has_shared = c.shared_intermediate_size > 0
-        pending = self.dispatcher.start(x_TH, weights_TK, ids_TK)
-        shared_TH = self._shared(x_TH) if has_shared and c.overlap_shared else None
-        received, handle = pending.wait()
+        with self._guard("dispatch"):
+            pending = self.dispatcher.start(x_TH, weights_TK, ids_TK, error, more)
+            shared_TH = self._shared(x_TH) if has_shared and c.overlap_shared else None
+            received, handle = pending.wait()
         timer.lap("dispatch")  # with overlap_shared, includes the shared expert
-        partial_NH, counts = self._compute(received)
+        with self._guard("experts"):  # (no collective: names where this rank is)
+            partial_NH, counts = self._compute(received)
         timer.lap("experts")
         self._count(handle, counts, received)
-        y_TH = self.dispatcher.combine_start(partial_NH, handle).wait()
+        with self._guard("combine"):
+            y_TH = self.dispatcher.combine_start(partial_NH, handle).wait()
         timer.lap("combine")
         if has_shared:
             y_TH = y_TH + (shared_TH if shared_TH is not None else self._shared(x_TH))
             timer.lap("shared")  # ~0 when overlapped: only the addition
-        return y_TH
+        return y_TH, pending.more
 
-    def _two_microbatches(self, x_TH: Tensor, weights_TK: Tensor, ids_TK: Tensor) -> Tensor:
+    def _two_microbatches(self, x_TH: Tensor, weights_TK: Tensor, ids_TK: Tensor, error,
+                          more: bool) -> tuple[Tensor, bool]:
         """Halves A and B: B's dispatch travels while A computes, A's combine while B
         computes. Every rank splits (even with 0 or 1 tokens), so collectives pair up."""
         c = self.config
         half = (x_TH.shape[0] + 1) // 2
         parts = [(x_TH[:half], weights_TK[:half], ids_TK[:half]),
                  (x_TH[half:], weights_TK[half:], ids_TK[half:])]
-        sent = [self.dispatcher.start(*p) for p in parts]
+        with self._guard("dispatch"):
+            sent = [self.dispatcher.start(*p, error, more) for p in parts]
         combining = []
         for pending in sent:
-            received, handle = pending.wait()
+            with self._guard("dispatch"):
+                received, handle = pending.wait()
             partial_NH, counts = self._compute(received)
-            combining.append(self.dispatcher.combine_start(partial_NH, handle))
+            with self._guard("combine"):
+                combining.append(self.dispatcher.combine_start(partial_NH, handle))
             self._count(handle, counts, received)
         shared_TH = self._shared(x_TH) if c.shared_intermediate_size else None
-        y_TH = torch.cat([p.wait() for p in combining])
-        return y_TH if shared_TH is None else y_TH + shared_TH
+        with self._guard("combine"):
+            y_TH = torch.cat([p.wait() for p in combining])
+        return (y_TH if shared_TH is None else y_TH + shared_TH), sent[0].more
 
     def _compute(self, received) -> tuple[Tensor, list[int] | None]:
         x_NH, local_ids_NK, w_NK = received
@@ -267,17 +310,68 @@ class ExpertParallelMoE(nn.Module):
         if self.collect_stats:
             self._last = (wire, counts, received.local_ids_NK)
 
-    def _check_input(self, x: Tensor) -> None:
-        c = self.config
+    def _check_input(self, x) -> InputError | None:
+        """This rank's input problem, if any (raised after the peers were told)."""
+        c, rank, name = self.config, self.state.rank, self.name
+        if not isinstance(x, Tensor):
+            return InputError(Problem.SHAPE, 0, f"{name} on rank {rank}: x must be a "
+                              f"torch.Tensor [T, {c.hidden_size}], got {type(x).__name__}")
         if x.dim() != 2 or x.shape[1] != c.hidden_size:
-            raise ValueError(f"ExpertParallelMoE expects x of shape [T, {c.hidden_size}] "
-                             f"(tokens, hidden_size), got {tuple(x.shape)}")
+            return InputError(Problem.SHAPE, 0, f"{name} on rank {rank} expects x of shape "
+                              f"[T, {c.hidden_size}] (tokens, hidden_size), got "
+                              f"{tuple(x.shape)}")
         if x.dtype != c.dtype:
-            raise ValueError(f"ExpertParallelMoE expects x of dtype {c.dtype} (config.dtype), "
-                             f"got {x.dtype}")
+            return InputError(Problem.DTYPE, 0, f"{name} on rank {rank} expects x of dtype "
+                              f"{c.dtype} (config.dtype), got {x.dtype}")
         if x.device != self.w_down.device:
-            raise ValueError(f"ExpertParallelMoE expects x on {self.w_down.device} "
-                             f"(this rank's device), got {x.device}")
+            return InputError(Problem.DEVICE, 0, f"{name} on rank {rank} expects x on "
+                              f"{self.w_down.device} (this rank's device), got {x.device}")
+        return None
+
+    def _check_finite(self, x_TH: Tensor, weights_TK: Tensor) -> InputError | None:
+        """NaN or Inf in the tokens or their routing weights (config.nonfinite="raise")."""
+        # NOTE: one host sync per chunk (free on the CPU); nonfinite="propagate" skips it.
+        if bool((torch.isfinite(x_TH).all() & torch.isfinite(weights_TK).all()).item()):
+            return None
+        bad_T = ~torch.isfinite(x_TH).all(dim=1)
+        where = f"{self.name} on rank {self.state.rank}"
+        hint = ("(MoEConfig.nonfinite='raise'; 'propagate' lets them through, each such token "
+                "giving non-finite outputs of its own only)")
+        if bad_T.any():
+            idx = bad_T.nonzero().flatten().tolist()
+            return InputError(Problem.NONFINITE_INPUT, len(idx), f"{where}: the input x has NaN "
+                              f"or Inf in {len(idx)} of {x_TH.shape[0]} tokens (first: "
+                              f"{idx[:5]}) {hint}")
+        idx = (~torch.isfinite(weights_TK).all(dim=1)).nonzero().flatten().tolist()
+        return InputError(Problem.NONFINITE_SCORES, len(idx), f"{where}: the router scores "
+                          f"have NaN or Inf in {len(idx)} of {x_TH.shape[0]} tokens (first: "
+                          f"{idx[:5]}) though the tokens are finite: check router_weight "
+                          f"{hint}")
+
+    def _check_same_config(self) -> None:
+        """Every rank of the EP group must build the layer from the same config: a hash
+        over the group, and on a difference, the fields that differ on every rank."""
+        s = self.state
+        if s.ep_size == 1 or s.ep_group is None:
+            return
+        with guarded(s.heartbeat, f"the config check of {self.name}", s.ep_ranks):
+            seen = gather_ints([self.config.fingerprint()], s.device, s.ep_group)
+            if len({v[0] for v in seen}) == 1:
+                return
+            configs: list = [None] * s.ep_size
+            dist.all_gather_object(configs, self.config, group=s.ep_group)
+        diff = {}
+        for j, other in enumerate(configs):
+            for field, (_, theirs) in configs[0].differences(other).items():
+                diff.setdefault(field, {})[s.ep_ranks[j]] = theirs
+        lines = []
+        for field, vals in diff.items():
+            every = {s.ep_ranks[0]: getattr(configs[0], field), **vals}
+            lines.append(f"{field}: " + ", ".join(f"{v!r} on rank {r}" for r, v in every.items()))
+        text = "; ".join(lines)
+        raise ValueError(f"MoEConfig of {self.name} differs between the ranks of EP group "
+                         f"{list(s.ep_ranks)}: {text}. Every rank must build each layer from "
+                         "the same config (the same checkpoint, the same arguments).")
 
     def _stats(self, x_TH: Tensor, ids_TK: Tensor, seconds: dict[str, float]) -> MoEStats:
         # Only when collect_stats is on: a bincount or two and their host syncs.

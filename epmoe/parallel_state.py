@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .health import Heartbeat
+
 __all__ = [
     "ParallelState",
     "all_gather_v",
@@ -42,6 +44,7 @@ __all__ = [
     "destroy_distributed",
     "all_gather_known",
     "exchange_counts",
+    "gather_ints",
     "gather_sizes",
     "group_layout",
     "init_distributed",
@@ -74,6 +77,8 @@ class ParallelState:
     device: torch.device  # where this rank's tensors live
     backend: str | None  # "nccl", "gloo", or None without a process group
     timeout_s: float  # bound on every collective
+    # Names the failed rank when a collective fails (epmoe.health); None: no process group.
+    heartbeat: Heartbeat | None = None
 
     def __repr__(self) -> str:
         return (
@@ -192,6 +197,7 @@ def init_distributed(
         kwargs = {"device_id": device} if backend == "nccl" else {}
         dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
     _check_agreement(rank, world_size, ep, device)
+    heartbeat = Heartbeat.for_world(rank, world_size, timeout_s)
 
     ep_groups, dp_groups = group_layout(world_size, ep)
     # new_group is collective over the world: every rank creates every group, in order.
@@ -209,7 +215,7 @@ def init_distributed(
         rank=rank, world_size=world_size, local_rank=local_rank,
         ep_rank=rank % ep, ep_size=ep, ep_group=ep_group, ep_ranks=ep_ranks,
         dp_rank=rank // ep, dp_size=world_size // ep, dp_group=dp_group, dp_ranks=dp_ranks,
-        device=device, backend=backend, timeout_s=timeout_s,
+        device=device, backend=backend, timeout_s=timeout_s, heartbeat=heartbeat,
     )
 
 
@@ -227,8 +233,11 @@ def _check_agreement(rank: int, world_size: int, ep_size: int, device: torch.dev
         )
 
 
-def destroy_distributed() -> None:
-    """End the process group, if one was started; safe to call more than once."""
+def destroy_distributed(state: ParallelState | None = None) -> None:
+    """End the process group, if one was started (and ``state``'s heartbeat); safe to
+    call more than once."""
+    if state is not None and state.heartbeat is not None:
+        state.heartbeat.stop()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -391,14 +400,21 @@ def reduce_scatter_v(x: Tensor, sizes: list[int], group: dist.ProcessGroup | Non
     return _ReduceScatterV.apply(_joins_backward(x), list(sizes), group)
 
 
-def gather_sizes(n: int, device: torch.device, group: dist.ProcessGroup | None) -> list[int]:
-    """Every group rank's ``n``, by rank. NOTE: a collective and a host sync."""
+def gather_ints(values: list[int], device: torch.device,
+                group: dist.ProcessGroup | None) -> list[list[int]]:
+    """Every group rank's list of ints (same length everywhere), by rank.
+    NOTE: a collective and a host sync."""
     if _group_size(group) == 1:
-        return [n]
-    t = torch.tensor([n], dtype=torch.int64, device=device)
+        return [list(values)]
+    t = torch.tensor(values, dtype=torch.int64, device=device)
     got = [torch.empty_like(t) for _ in range(_group_size(group))]
     dist.all_gather(got, t, group=group)
-    return [int(v.item()) for v in got]
+    return torch.stack(got).tolist()
+
+
+def gather_sizes(n: int, device: torch.device, group: dist.ProcessGroup | None) -> list[int]:
+    """Every group rank's ``n``, by rank. NOTE: a collective and a host sync."""
+    return [v[0] for v in gather_ints([n], device, group)]
 
 
 def all_gather_known(x: Tensor, sizes: list[int], group: dist.ProcessGroup | None) -> Tensor:

@@ -12,6 +12,7 @@ import sys
 COMMANDS = {
     "generate": "greedy generation from a Hugging Face MoE checkpoint, expert-parallel",
     "bench": "benchmark the MoE layer: presets, modes, dtypes, dispatch backends",
+    "check": "check the EP layer against the reference on this world (also across hosts)",
 }
 
 

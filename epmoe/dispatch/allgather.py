@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..parallel_state import _joins_backward, all_gather_known, gather_sizes, reduce_scatter_v
-from .base import META_BYTES, Deferred, Dispatcher, Received, Wire
+from ..errors import InputError
+from ..parallel_state import _joins_backward, all_gather_known, gather_ints, reduce_scatter_v
+from .base import META_BYTES, Deferred, Dispatcher, Received, Wire, header_of, settle
 from .quant import Relay
 
 __all__ = ["AllGatherDispatcher"]
@@ -32,9 +33,13 @@ class AllGatherHandle:
 class AllGatherDispatcher(Dispatcher):
     name = "allgather_reducescatter"
 
-    def start(self, x_TH: Tensor, weights_TK: Tensor, ids_TK: Tensor) -> Deferred:
+    def start(self, x_TH: Tensor, weights_TK: Tensor, ids_TK: Tensor,
+              error: InputError | None = None, more: bool = False) -> Deferred:
         k, group = ids_TK.shape[1], self.group
-        sizes = gather_sizes(x_TH.shape[0], x_TH.device, group)
+        # Every rank's [tokens, problem, detail, more]: the header rides with the sizes.
+        got = gather_ints([x_TH.shape[0], *header_of(error, more)], x_TH.device, group)
+        more = settle([g[1:] for g in got], error, self.state.ep_ranks, self.where)
+        sizes = [g[0] for g in got]
         meta_TK2 = torch.cat([weights_TK.float(), ids_TK.float()], dim=1)  # [T, 2k]
         meta_SK2 = all_gather_known(meta_TK2, sizes, group)
         x_SH = self._gather_tokens(x_TH, sizes)
@@ -44,7 +49,7 @@ class AllGatherDispatcher(Dispatcher):
         w_SK = torch.where(here_SK, meta_SK2[:, :k], 0.0)
         H = x_TH.shape[1]
         handle = AllGatherHandle(sizes, self.token_bytes(H), H * x_TH.element_size())
-        return Deferred(lambda: (Received(x_SH, local_SK, w_SK), handle))
+        return Deferred(lambda: (Received(x_SH, local_SK, w_SK), handle), more)
 
     def _gather_tokens(self, x_TH: Tensor, sizes: list[int]) -> Tensor:
         if self.codec is None or self.G == 1:

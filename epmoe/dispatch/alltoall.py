@@ -14,9 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from ..ops import sum_rows
 from ..parallel_state import _all_to_all, _joins_backward, all_to_all_v_start, exchange_counts
-from .base import META_BYTES, Deferred, Dispatcher, Received, Wire
+from .base import META_BYTES, Deferred, Dispatcher, Received, Wire, header_of, settle
 from .index import pack_rows, pair_hits, plan_dispatch
 from .quant import Relay
 
@@ -38,15 +39,19 @@ class AllToAllHandle:
 class AllToAllDispatcher(Dispatcher):
     name = "alltoall"
 
-    def start(self, x_TH: Tensor, weights_TK: Tensor, ids_TK: Tensor) -> Deferred:
+    def start(self, x_TH: Tensor, weights_TK: Tensor, ids_TK: Tensor,
+              error: InputError | None = None, more: bool = False) -> Deferred:
         T, k = ids_TK.shape
         G, group = self.G, self.group
         hits_TG = pair_hits(ids_TK, self.owner_E, G)
-        send_counts = hits_TG.sum(0)  # [G]
-        recv_counts = exchange_counts(send_counts, group)
+        # Per destination: [rows, problem, detail, more]; the header rides with the counts.
+        header = torch.tensor(header_of(error, more), device=x_TH.device)
+        send_G4 = torch.cat([hits_TG.sum(0, keepdim=True).T, header.expand(G, 3)], dim=1)
+        recv_G4 = exchange_counts(send_G4, group)
         # NOTE: host sync, once per dispatch: all-to-all split sizes live on the host.
-        splits = torch.cat([send_counts, recv_counts]).tolist()
-        send, recv = splits[:G], splits[G:]
+        both = torch.cat([send_G4, recv_G4]).tolist()
+        more = settle([r[1:] for r in both[G:]], error, self.state.ep_ranks, self.where)
+        send, recv = [r[0] for r in both[:G]], [r[0] for r in both[G:]]
         send_token, send_dest, send_slot = plan_dispatch(hits_TG, sum(send))
         local_PK, w_PK = pack_rows(send_token, send_dest, weights_TK, ids_TK, self.owner_E,
                                    self.local_index_E)
@@ -63,7 +68,7 @@ class AllToAllDispatcher(Dispatcher):
             meta_NK2 = meta_pending.wait()
             return Received(x_pending.wait(), meta_NK2[:, k:].long(), meta_NK2[:, :k]), handle
 
-        return Deferred(received)
+        return Deferred(received, more)
 
     def _send_tokens(self, x_PH: Tensor, send: list[int], recv: list[int]):
         if self.codec is None or self.G == 1:

@@ -7,7 +7,8 @@ data: nothing waits on the host, and the forward can be captured in a CUDA
 graph (with ``grouped_mm`` experts). Token rows and their routing (fp32
 weights and local ids) travel packed as bytes in one collective. A token goes
 once to each rank that holds one of its experts; unused rows are padding
-(local ids -1). Passing more than ``C`` tokens is an error naming the limit.
+(local ids -1). Passing more than ``C`` tokens is an error naming the limit, on
+every rank (a header row in front of each block carries it).
 Shape legend: T tokens here, G ranks, C capacity, R = G*C buffer rows, k top_k.
 """
 
@@ -18,10 +19,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..errors import InputError, Problem
 from ..parallel_state import _all_to_all, _joins_backward, all_to_all_v_start
-from .base import META_BYTES, Deferred, Dispatcher, Received, Wire
+from .base import META_BYTES, Deferred, Dispatcher, Received, Wire, header_of, settle
 
-__all__ = ["LowLatencyDispatcher"]
+__all__ = ["LowLatencyDispatcher", "too_many_tokens"]
+
+
+def too_many_tokens(T: int, C: int, rank: int) -> InputError:
+    return InputError(Problem.TOO_MANY_TOKENS, T,
+                      f"low_latency dispatch: {T} tokens on rank {rank} exceed "
+                      f"max_tokens_per_rank={C} (MoEConfig); raise the limit or pass fewer "
+                      "tokens per forward")
 
 
 def _as_bytes(t: Tensor) -> Tensor:
@@ -33,24 +42,32 @@ class _PackedExchange(torch.autograd.Function):
     backward packs the gradients of x and the weights the same way."""
 
     @staticmethod
-    def forward(ctx, x_RH, w_RK, ids_RK, group, G: int, codec):
+    def forward(ctx, x_RH, w_RK, ids_RK, head_2, group, G: int, codec):
         ctx.group, ctx.G, ctx.dtype = group, G, x_RH.dtype
         ctx.R, ctx.H, ctx.k = x_RH.shape[0], x_RH.shape[1], w_RK.shape[1]
         payload = codec.encode(x_RH) if codec is not None else x_RH
         packed = torch.cat([_as_bytes(payload), _as_bytes(w_RK.float()),
                             _as_bytes(ids_RK.float())], dim=1)
         R, B = packed.shape
-        got = _all_to_all(packed, [R // G] * G, [R // G] * G, group)
+        # One header row in front of each destination's block: this rank's problem
+        # and detail as fp32 (exact for these ints) in its first 8 bytes (B >= 8k).
+        head_row = packed.new_zeros((1, B))
+        head_row[0, :8] = _as_bytes(head_2.float())
+        blocks = torch.cat([head_row.expand(G, 1, B), packed.view(G, R // G, B)], dim=1)
+        got = _all_to_all(blocks.reshape(-1, B), [R // G + 1] * G, [R // G + 1] * G, group)
+        got = got.view(G, R // G + 1, B)
+        heads_G2 = got[:, 0, :8].contiguous().view(torch.float32)
+        got = got[:, 1:].reshape(R, B)
         nx, k = _as_bytes(payload).shape[1], ctx.k
         x = got[:, :nx].contiguous().view(payload.dtype)
         x = codec.decode(x) if codec is not None else x
         w = got[:, nx : nx + 4 * k].contiguous().view(torch.float32)
         ids = got[:, nx + 4 * k :].contiguous().view(torch.float32)
-        ctx.mark_non_differentiable(ids)
-        return x, w, ids
+        ctx.mark_non_differentiable(ids, heads_G2)
+        return x, w, ids, heads_G2
 
     @staticmethod
-    def backward(ctx, gx, gw, _gids):
+    def backward(ctx, gx, gw, _gids, _gheads):
         G, H = ctx.G, ctx.H
         if gx is None:  # an output that fed nothing: its gradient is zero
             gx = torch.zeros((ctx.R, H), dtype=ctx.dtype, device=gw.device)
@@ -62,7 +79,7 @@ class _PackedExchange(torch.autograd.Function):
         nx = H * torch.empty((), dtype=ctx.dtype).element_size()
         gx_back = got[:, :nx].contiguous().view(ctx.dtype)
         gw_back = got[:, nx:].contiguous().view(torch.float32)
-        return gx_back, gw_back, None, None, None, None
+        return gx_back, gw_back, None, None, None, None, None
 
 
 @dataclass(frozen=True, eq=False)
@@ -77,13 +94,14 @@ class LowLatencyDispatcher(Dispatcher):
     name = "low_latency"
     fixed_shapes = True
 
-    def start(self, x_TH: Tensor, weights_TK: Tensor, ids_TK: Tensor) -> Deferred:
+    def start(self, x_TH: Tensor, weights_TK: Tensor, ids_TK: Tensor,
+              error: InputError | None = None, more: bool = False) -> Deferred:
         T, k = ids_TK.shape
         G, C, H = self.G, self.config.max_tokens_per_rank, x_TH.shape[1]
-        if T > C:  # host-side shapes only: no sync
-            raise ValueError(f"low_latency dispatch: {T} tokens on EP rank {self.me} exceed "
-                             f"max_tokens_per_rank={C} (MoEConfig); raise the limit or pass "
-                             "fewer tokens per forward")
+        if T > C and error is None:  # host-side shapes only: no sync
+            error = too_many_tokens(T, C, self.state.rank)
+        if error is not None:  # join the exchange with no tokens, then raise everywhere
+            x_TH, weights_TK, ids_TK, T = x_TH[:0], weights_TK[:0], ids_TK[:0], 0
         R, dev = G * C, x_TH.device
         owner_TK = self.owner_E[ids_TK]
         ranks = torch.arange(G, device=dev)
@@ -99,12 +117,20 @@ class LowLatencyDispatcher(Dispatcher):
             0, pos, w_TGK.reshape(T * G, k).float())[:R]
         ids_buf = torch.full((R + 1, k), -1.0, device=dev).index_copy(
             0, pos, local_TGK.reshape(T * G, k).float())[:R]
+        # No chunks here (at most C tokens): the header is [problem, detail].
+        head_2 = torch.tensor(header_of(error, False)[:2], device=dev)
         if G == 1:  # nothing travels
-            x_R, w_R, ids_R = x_buf, w_buf, ids_buf
+            x_R, w_R, ids_R, heads_G2 = x_buf, w_buf, ids_buf, head_2.view(1, 2)
         else:
             x_buf, w_buf = _joins_backward(x_buf), _joins_backward(w_buf)
-            x_R, w_R, ids_R = _PackedExchange.apply(x_buf, w_buf, ids_buf, self.group, G,
-                                                    self.codec)
+            x_R, w_R, ids_R, heads_G2 = _PackedExchange.apply(x_buf, w_buf, ids_buf, head_2,
+                                                              self.group, G, self.codec)
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            if error is not None:  # in a CUDA graph: nothing is read on the host
+                raise error
+        else:  # NOTE: reads G*2 numbers on the host (free on the CPU)
+            settle([[int(p), int(d), 0] for p, d in heads_G2.tolist()], error,
+                   self.state.ep_ranks, self.where)
         handle = LowLatencyHandle(hits_TG, pos_TG,
                                   self.token_bytes(H) + META_BYTES * k, H * x_TH.element_size())
         return Deferred(lambda: (Received(x_R, ids_R.long(), w_R), handle))
@@ -126,5 +152,6 @@ class LowLatencyDispatcher(Dispatcher):
 
     def wire(self, handle: LowLatencyHandle) -> Wire:
         C = self.config.max_tokens_per_rank
-        return Wire([C] * self.G, [C] * self.G, [C * handle.row_bytes] * self.G,
+        # Each block is C rows and its header row.
+        return Wire([C] * self.G, [C] * self.G, [(C + 1) * handle.row_bytes] * self.G,
                     [C * handle.out_bytes] * self.G)
