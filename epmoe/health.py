@@ -135,23 +135,25 @@ class Heartbeat:
                 break
             time.sleep(self.interval / 4)
         me = f"(seen from rank {self.rank})"
+        how = (f"did not answer within {self.timeout_s:g} s" if timed_out
+               else "dropped its connection")
         if store_age > self.stale_after:  # this rank lost the store: a link is down
             far = [r for r in ranks if self.nodes[r] != self.nodes[self.rank]]
-            blamed = far or [0]
-            what = (f"on {', '.join(sorted({self.nodes[r] for r in far}))}" if far
-                    else "(rank 0 serves the store)")
+            store = (f"the store at {self.store_addr[0]}:{self.store_addr[1]} has not answered "
+                     f"for {store_age:.1f} s")
+            if far:
+                nodes = ", ".join(sorted({self.nodes[r] for r in far}))
+                return RankFailure(
+                    f"rank{'s' if len(far) > 1 else ''} {_list(far)} on {nodes} {how} in "
+                    f"{where}: {store}, so the network to {nodes} is down or its host is gone "
+                    f"{me}. gloo: {gloo}", tuple(far))
             return RankFailure(
-                f"rank{'s' if len(blamed) > 1 else ''} {_list(blamed)} {what} did not answer "
-                f"within {self.timeout_s:g} s in {where}: the store at {self.store_addr[0]}:"
-                f"{self.store_addr[1]} has not answered for {store_age:.1f} s, so the network "
-                f"to {'them' if len(blamed) > 1 else 'it'} is down or its host is gone "
-                f"{me}. gloo: {gloo}", tuple(blamed))
+                f"rank 0 (which serves the store) {how} in {where}: {store}, so its process "
+                f"is gone or stopped, or the network to it is down {me}. gloo: {gloo}", (0,))
         if silent:
             now = time.monotonic()
             ages = ", ".join(f"rank {r}: {now - self._seen_at[r]:.1f} s ago, last in "
                              f"{self._place[r]}" for r in silent)
-            how = (f"did not answer within {self.timeout_s:g} s" if timed_out
-                   else "dropped its connection")
             return RankFailure(
                 f"rank{'s' if len(silent) > 1 else ''} {_list(silent)} {how} in {where}: "
                 f"{'their heartbeats' if len(silent) > 1 else 'its heartbeat'} stopped "

@@ -131,6 +131,7 @@ class ExpertParallelMoE(nn.Module):
         self.dispatcher = make_dispatcher(config, state, self.owner, self.local_index)
         self.dispatcher.where = f"the dispatch of {name}"
         self.chunks = 0  # dispatch rounds over all forwards (a forward may take several)
+        self.peak_rows = 0  # most rows this rank received in one round (bounded by chunking)
         impl = config.expert_impl
         self.expert_impl = choose_expert_impl(dev, dt) if impl == "auto" else impl
         if seed is not None:
@@ -181,6 +182,13 @@ class ExpertParallelMoE(nn.Module):
                              f"{sorted(set(want) - set(given))}, unexpected "
                              f"{sorted(set(given) - set(want))}")
         for name, t in given.items():
+            if not isinstance(t, Tensor):
+                raise ValueError(f"load_full_weights: {name} must be a torch.Tensor of shape "
+                                 f"{want[name]}, got {type(t).__name__}")
+            if not t.is_floating_point() or t.is_meta:
+                raise ValueError(f"load_full_weights: {name} must hold floating-point values "
+                                 f"(it is cast to {getattr(self, name).dtype}), got "
+                                 f"{'a meta tensor' if t.is_meta else t.dtype}")
             if tuple(t.shape) != want[name]:
                 raise ValueError(f"load_full_weights: {name} has shape {tuple(t.shape)}, "
                                  f"expected {want[name]} for {c}")
@@ -306,6 +314,7 @@ class ExpertParallelMoE(nn.Module):
 
     def _count(self, handle, counts: list[int] | None, received) -> None:
         wire = self.dispatcher.wire(handle)
+        self.peak_rows = max(self.peak_rows, received.x_NH.shape[0])
         self.rows_sent = [a + b for a, b in zip(self.rows_sent, wire.send_rows, strict=True)]
         if self.collect_stats:
             self._last = (wire, counts, received.local_ids_NK)

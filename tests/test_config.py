@@ -48,6 +48,9 @@ def test_frozen_and_replace_revalidates():
     ("renormalize", 1, r"renormalize must be a bool"),
     ("dtype", "int8", r"dtype must be one of torch.float32, torch.bfloat16, torch.float16"),
     ("dtype", torch.float64, r"MoEConfig.dtype must be one of"),
+    ("nonfinite", "ignore", r"nonfinite must be one of \['raise', 'propagate'\]"),
+    ("max_chunk_tokens", 0, r"max_chunk_tokens must be a positive int, got 0"),
+    ("max_chunk_tokens", 1.5, r"max_chunk_tokens must be a positive int"),
 ])
 def test_invalid_values(field, value, match):
     with pytest.raises(ValueError, match=match):
@@ -72,3 +75,10 @@ def test_num_experts_against_ep_size():
     c.check_ep_size(3)
     with pytest.raises(ValueError, match=r"num_experts=3 must be >= ep_size=4"):
         c.check_ep_size(4)
+
+
+def test_fingerprint_tells_configs_apart_and_names_the_differences():
+    a, b = MoEConfig(**BASE), MoEConfig(**BASE, top_k=3, dtype="bf16")
+    assert a.fingerprint() == MoEConfig(**BASE).fingerprint() != b.fingerprint()
+    assert 0 <= a.fingerprint() < 2**63
+    assert a.differences(b) == {"top_k": (2, 3), "dtype": (torch.float32, torch.bfloat16)}

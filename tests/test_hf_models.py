@@ -188,6 +188,32 @@ def test_a_broken_expert_fails_on_every_rank(checkpoints, tmp_path):
     assert all(key in text for text in out), out
 
 
+def _per_rank_worker(paths: list[str]) -> str:
+    state = epmoe.init_distributed(force_cpu=True, timeout_s=30)
+    try:
+        from_pretrained(paths[state.rank], state)
+    except CheckpointError as e:
+        return str(e)
+    return "loaded"
+
+
+def test_a_checkpoint_broken_on_one_host_only_fails_on_every_rank(checkpoints, tmp_path):
+    """Rank 1 reads another directory (another host's disk): missing, or lacking a tensor.
+    It raises its own error, rank 0 one naming it; neither waits for a timeout."""
+    good = checkpoints["olmoe"]
+    r0, r1 = run_ranks(_per_rank_worker, 2, [good, str(tmp_path / "absent")], deadline_s=120)
+    assert "has no config.json" in r1, r1
+    assert r0.startswith(f"rank 1 failed opening its checkpoint: CheckpointError: "
+                         f"{tmp_path / 'absent'} has no config.json") \
+        and "every rank stopped here" in r0, r0
+    key = "model.layers.1.mlp.experts.2.up_proj.weight"
+    broken = _edit(good, tmp_path / "b1", lambda t: t.pop(key))
+    r0, r1 = run_ranks(_per_rank_worker, 2, [good, broken], deadline_s=120)
+    assert f"has no tensor '{key}'" in r1, r1
+    assert r0.startswith("rank 1 failed loading its checkpoint: CheckpointError: ") \
+        and key in r0, r0
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", list(TINY_FAMILIES))
 def test_low_precision_logits_are_transformers_bit_for_bit(checkpoints, name, dtype):

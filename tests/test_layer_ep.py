@@ -74,6 +74,10 @@ CASES: dict[str, tuple[dict, list[int], str]] = {
                      "codec"),
     "grad_dispatch_fp8": (dict(num_experts=6, top_k=2, dispatch_dtype="float8_e4m3"),
                           [5, 2, 0, 6], "grad codec"),
+    # forwards in chunks (every rank takes as many as the rank with most tokens needs)
+    "chunked": (dict(num_experts=8, top_k=2, max_chunk_tokens=4), [13, 7, 0, 21], ""),
+    "chunked_hot": (dict(num_experts=8, top_k=1, max_chunk_tokens=3), [16, 3, 0, 16], "hot"),
+    "grad_chunked": (dict(num_experts=6, top_k=2, max_chunk_tokens=3), [7, 0, 12, 5], "grad"),
 }
 BACKENDS = ["alltoall", "allgather_reducescatter", "low_latency"]
 WORLDS = [1, 2, 3, 4]
@@ -111,7 +115,8 @@ def _run_case(state, world: int, backend: str, name: str) -> dict:
     cfg, x_all, counts, weights = case_inputs(name, world, backend)
     start = sum(counts[: state.rank])
     x = x_all[start : start + counts[state.rank]].clone()
-    stats = "grad" not in CASES[name][2] and not cfg.overlap_microbatches
+    stats = "grad" not in CASES[name][2] and not cfg.overlap_microbatches and \
+        (backend == "low_latency" or cfg.max_chunk_tokens >= max(counts))  # one round
     layer = epmoe.ExpertParallelMoE(cfg, state, seed=None, collect_stats=stats)
     layer.load_full_weights(**weights)
     flags = CASES[name][2]
@@ -260,4 +265,4 @@ def _overflow_worker() -> str:
 
 def test_low_latency_refuses_more_tokens_than_its_buffers():
     out = run_ranks(_overflow_worker, 1)
-    assert "5 tokens on EP rank 0 exceed max_tokens_per_rank=4" in out[0]
+    assert "5 tokens on rank 0 exceed max_tokens_per_rank=4" in out[0]

@@ -39,6 +39,16 @@ def test_load_full_weights_keeps_the_slice():
     torch.testing.assert_close(m.w_down, weights[3])
     with pytest.raises(ValueError, match=r"w_up has shape \(4, 8, 16\), expected \(4, 16, 8\)"):
         m.load_full_weights(weights[0], weights[1], weights[3], weights[3])
+    with pytest.raises(ValueError, match=r"w_gate must hold floating-point values \(it is cast "
+                                         r"to torch.float32\), got torch.int64"):
+        m.load_full_weights(weights[0], weights[1].long(), weights[2], weights[3])
+    with pytest.raises(ValueError, match=r"router_weight must be a torch.Tensor of shape "
+                                         r"\(4, 8\), got list"):
+        m.load_full_weights([[0.0]], *weights[1:])
+    with pytest.raises(ValueError, match="w_down must hold floating-point values .* got a meta"):
+        m.load_full_weights(*weights[:3], weights[3].to("meta"))
+    with pytest.raises(ValueError, match=r"missing \[\], unexpected \['router_bias'\]"):
+        m.load_full_weights(*weights, router_bias=torch.zeros(4))
 
 
 @pytest.mark.parametrize("x,match", [

@@ -9,6 +9,8 @@ import argparse
 import importlib
 import sys
 
+from ..errors import RankFailure
+
 COMMANDS = {
     "generate": "greedy generation from a Hugging Face MoE checkpoint, expert-parallel",
     "bench": "benchmark the MoE layer: presets, modes, dtypes, dispatch backends",
@@ -31,4 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:  # bad input: say what and why, without a traceback
         print(f"python -m epmoe {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RankFailure as e:  # another rank died, stalled or became unreachable
+        print(f"python -m epmoe {args.command}: {e}", file=sys.stderr)
+        sys.exit(3)
     sys.exit(code or 0)

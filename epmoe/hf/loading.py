@@ -14,9 +14,11 @@ import re
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..config import MoEConfig, parse_dtype
+from ..health import guarded
 from ..moe import ExpertParallelMoE
 from ..parallel_state import ParallelState
 from .checkpoint import CheckpointError, CheckpointReader
@@ -71,45 +73,28 @@ def from_pretrained(
     each rank on its own sequences. ``model.epmoe`` is the :class:`Lockstep`
     that keeps the EP group in step: ``generate`` runs in ``model.epmoe.session()``;
     plain forwards of ranks that run different numbers of them must too.
+
+    A checkpoint that fails on one rank only (a file missing or broken on one
+    host) raises on every rank: the ranks compare after opening the directory
+    and after loading, the failing rank raising its own error and the others a
+    :class:`CheckpointError` naming it.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import GenerationConfig
 
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise CheckpointError(f"{path} has no config.json: not a Hugging Face model directory")
-    hf_config = AutoConfig.from_pretrained(path)
-    family = family_of(hf_config)
-    quant = getattr(hf_config, "quantization_config", None)
-    if quant:
-        method = quant.get("quant_method") if isinstance(quant, dict) else \
-            getattr(quant, "quant_method", quant)
-        raise CheckpointError(f"{path} is a quantised checkpoint (quant_method={method!r}); "
-                              "epmoe loads float32/bfloat16/float16 weights only")
-    hf_config.output_router_logits = False  # epmoe's blocks return no router logits
-    dtype = parse_dtype(dtype) if dtype is not None else _config_dtype(hf_config)
-    reader = CheckpointReader(path)
-
-    with torch.device("meta"):  # no weight is allocated here
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-    moe_cfg = moe_config_of(hf_config, dtype, placement, overlap_shared)
-    layers = model.get_decoder().layers
-    blocks: dict[int, ExpertParallelMoE] = {}
-    for i, layer in enumerate(layers):
-        if type(layer.mlp).__name__ == family.block_class:
-            moe = ExpertParallelMoE(moe_cfg, state, seed=None, collect_stats=collect_stats)
-            layer.mlp = EPMoEBlock(moe, family.returns_router_scores)
-            blocks[i] = moe
-    if not blocks:
-        raise CheckpointError(f"{path}: no {family.block_class} block found in the model")
-
-    _rebuild_meta_buffers(model, state.device)
-    _load_dense(model, reader, state.device, _fp32_patterns(model, dtype))
-    for i, moe in blocks.items():
-        _load_moe_block(reader, family, i, moe)
-    if getattr(hf_config, "tie_word_embeddings", False):
-        model.tie_weights()
-    _check_nothing_on_meta(model, path)
-    reader.close()
+    try:
+        hf_config, family, dtype, reader = _open(path, dtype)
+    except (ValueError, OSError) as e:
+        _agree(state, e, "opening its checkpoint")
+        raise  # (one process: nothing to agree on)
+    _agree(state, None, "opening its checkpoint")
+    try:
+        model, blocks = _build_and_load(path, state, hf_config, family, dtype, reader,
+                                        placement, overlap_shared, collect_stats)
+    except (ValueError, OSError) as e:
+        _agree(state, e, "loading its checkpoint")
+        raise
+    _agree(state, None, "loading its checkpoint")
 
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
@@ -127,6 +112,75 @@ def from_pretrained(
     generate.__doc__ = hf_generate.__doc__
     model.generate = generate
     return model
+
+
+def _open(path: Path, dtype):
+    """config.json, the family, the dtype, and the reader of the tensors (local work)."""
+    from transformers import AutoConfig
+
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} has no config.json: not a Hugging Face model directory")
+    hf_config = AutoConfig.from_pretrained(path)
+    family = family_of(hf_config)
+    quant = getattr(hf_config, "quantization_config", None)
+    if quant:
+        method = quant.get("quant_method") if isinstance(quant, dict) else \
+            getattr(quant, "quant_method", quant)
+        raise CheckpointError(f"{path} is a quantised checkpoint (quant_method={method!r}); "
+                              "epmoe loads float32/bfloat16/float16 weights only")
+    hf_config.output_router_logits = False  # epmoe's blocks return no router logits
+    dtype = parse_dtype(dtype) if dtype is not None else _config_dtype(hf_config)
+    return hf_config, family, dtype, CheckpointReader(path)
+
+
+def _build_and_load(path: Path, state: ParallelState, hf_config, family: Family, dtype,
+                    reader: CheckpointReader, placement: str, overlap_shared: bool,
+                    collect_stats: bool):
+    """The model on the meta device with EP blocks (whose configs the EP group
+    compares), then filled from the checkpoint: dense weights and this rank's experts."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):  # no weight is allocated here
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    moe_cfg = moe_config_of(hf_config, dtype, placement, overlap_shared)
+    layers = model.get_decoder().layers
+    blocks: dict[int, ExpertParallelMoE] = {}
+    for i, layer in enumerate(layers):
+        if type(layer.mlp).__name__ == family.block_class:
+            moe = ExpertParallelMoE(moe_cfg, state, seed=None, collect_stats=collect_stats,
+                                    name=f"layer {i}")
+            layer.mlp = EPMoEBlock(moe, family.returns_router_scores)
+            blocks[i] = moe
+    if not blocks:
+        raise CheckpointError(f"{path}: no {family.block_class} block found in the model")
+
+    _rebuild_meta_buffers(model, state.device)
+    _load_dense(model, reader, state.device, _fp32_patterns(model, dtype))
+    for i, moe in blocks.items():
+        _load_moe_block(reader, family, i, moe)
+    if getattr(hf_config, "tie_word_embeddings", False):
+        model.tie_weights()
+    _check_nothing_on_meta(model, path)
+    reader.close()
+    return model, blocks
+
+
+def _agree(state: ParallelState, error: BaseException | None, what: str) -> None:
+    """Every rank tells whether ``what`` failed on it; if any did, all raise (the
+    failing rank its own error, the others a :class:`CheckpointError` naming it)."""
+    if state.world_size == 1:
+        return
+    mine = None if error is None else f"{type(error).__name__}: {error}"
+    every: list = [None] * state.world_size
+    with guarded(state.heartbeat, what, tuple(range(state.world_size))):
+        dist.all_gather_object(every, mine)
+    if error is not None:
+        raise error
+    failed = [(r, m) for r, m in enumerate(every) if m is not None]
+    if failed:
+        r, m = failed[0]
+        more = f" (and {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
+        raise CheckpointError(f"rank {r} failed {what}: {m}{more}; every rank stopped here")
 
 
 def _no_router_logits(_module, _args, kwargs):

@@ -13,8 +13,9 @@ tokens); when the sum is 0 every rank is idle and all stop together.
 A rank whose forward fails between MoE layers (a bad token id in the
 embedding, say) first runs the rest of that step's MoE layers on zero tokens,
 then idles, so its peers finish and only the failing rank reports the error.
-A failure inside a collective cannot be recovered: the peers end at their
-collective timeout instead.
+A failure inside a collective cannot be recovered: the peers end with a
+:class:`~epmoe.errors.RankFailure` naming the failed rank (at once when its
+process is gone, at the collective timeout when it stalls).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+from ..health import guarded
 from ..moe import ExpertParallelMoE
 from ..parallel_state import ParallelState
 
@@ -62,7 +64,9 @@ class Lockstep:
             return int(active)
         flag = torch.tensor([int(active)], dtype=torch.int32, device=self.state.device)
         self._in_collective = True
-        dist.all_reduce(flag, group=self.state.ep_group)
+        s = self.state
+        with guarded(s.heartbeat, "the step agreement of the model's forward", s.ep_ranks):
+            dist.all_reduce(flag, group=s.ep_group)
         self._in_collective = False
         return int(flag.item())  # NOTE: host sync, once per forward
 
