@@ -239,10 +239,11 @@ class ExpertParallelMoE(nn.Module):
         self.chunks += 1
         timer = PhaseTimer(self.collect_stats, s.device)
         timer.start()
-        weights_TK, ids_TK = route(x_TH, self.router_weight, c, self.weight("router_bias"),
-                                   self.weight("score_correction_bias"))
+        weights_TK, ids_TK, logits_TE = route(
+            x_TH, self.router_weight, c, self.weight("router_bias"),
+            self.weight("score_correction_bias"), return_logits=True)
         if error is None and c.nonfinite == "raise":
-            error = self._check_finite(x_TH, weights_TK)
+            error = self._check_finite(x_TH, logits_TE, weights_TK)
         timer.lap("router")
         if c.overlap_microbatches and not self.collect_stats:
             y_TH, more = self._two_microbatches(x_TH, weights_TK, ids_TK, error, more)
@@ -337,10 +338,13 @@ class ExpertParallelMoE(nn.Module):
                               f"{self.w_down.device} (this rank's device), got {x.device}")
         return None
 
-    def _check_finite(self, x_TH: Tensor, weights_TK: Tensor) -> InputError | None:
-        """NaN or Inf in the tokens or their routing weights (config.nonfinite="raise")."""
+    def _check_finite(self, x_TH: Tensor, logits_TE: Tensor,
+                      weights_TK: Tensor) -> InputError | None:
+        """NaN or Inf in the tokens or their routing (config.nonfinite="raise"). A
+        non-finite token makes all its logits non-finite, so the small [T, E] logits
+        are checked, not the [T, H] tokens (which only the error message reads)."""
         # NOTE: one host sync per chunk (free on the CPU); nonfinite="propagate" skips it.
-        if bool((torch.isfinite(x_TH).all() & torch.isfinite(weights_TK).all()).item()):
+        if bool((torch.isfinite(logits_TE).all() & torch.isfinite(weights_TK).all()).item()):
             return None
         bad_T = ~torch.isfinite(x_TH).all(dim=1)
         where = f"{self.name} on rank {self.state.rank}"

@@ -33,11 +33,14 @@ def route(
     config: MoEConfig,
     router_bias_E: Tensor | None = None,
     score_correction_bias_E: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
+    return_logits: bool = False,
+) -> tuple[Tensor, ...]:
     """Choose ``top_k`` experts per token.
 
     Returns ``(weights_TK, expert_ids_TK)``: fp32 routing weights and global
-    expert ids (int64), both ``[T, k]``, in descending order of the choice score.
+    expert ids (int64), both ``[T, k]``, in descending order of the choice score;
+    with ``return_logits``, also the logits ``[T, E]`` (a NaN or Inf anywhere in a
+    token makes every logit of that token non-finite: the cheap place to look).
 
     Logits are computed in ``config.router_dtype`` (the tokens' dtype, as an
     ``nn.Linear`` router in a Hugging Face model, or fp32); scores, top-k and
@@ -68,6 +71,8 @@ def route(
         weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
     if c.routed_scaling_factor != 1.0:
         weights_TK = weights_TK * c.routed_scaling_factor
+    if return_logits:
+        return weights_TK, expert_ids_TK, logits_TE
     return weights_TK, expert_ids_TK
 
 
