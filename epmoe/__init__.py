@@ -12,6 +12,7 @@ Public API::
 
 from .config import MoEConfig, parse_dtype
 from .dispatch import Dispatcher, make_dispatcher
+from .errors import InputError, PeerInputError, RankFailure
 from .moe import ExpertParallelMoE, optional_weight_shapes
 from .parallel_state import (
     ParallelState,
@@ -42,10 +43,13 @@ __all__ = [
     "Dispatcher",
     "ExpertMap",
     "ExpertParallelMoE",
+    "InputError",
     "MoEConfig",
     "MoEStats",
     "ParallelState",
+    "PeerInputError",
     "PendingAllToAll",
+    "RankFailure",
     "all_gather_v",
     "all_to_all_v",
     "all_to_all_v_start",

@@ -35,17 +35,17 @@ from .errors import RankFailure
 __all__ = ["Heartbeat", "guarded", "is_comm_error"]
 
 PREFIX = "epmoe/heartbeat"
-OUTSIDE = "its own code, outside epmoe's collectives"
+OUTSIDE = "outside epmoe's layers (its own code)"
 
 
 def is_comm_error(e: BaseException) -> bool:
     """Whether an exception came from a failed collective (not from a bug of ours)."""
     if isinstance(e, dist.DistError):
         return True
-    text = str(e)
+    text = str(e).lower()
     return isinstance(e, RuntimeError) and any(s in text for s in (
-        "gloo", "Gloo", "NCCL", "Connection closed", "Connection reset", "Timed out",
-        "timed out", "Socket", "socket", "Broken pipe"))
+        "gloo", "nccl", "connection", "timed out", "timeout", "socket", "broken pipe",
+        "pair closure", "peer"))
 
 
 class Heartbeat:
@@ -152,7 +152,7 @@ class Heartbeat:
                 f"is gone or stopped, or the network to it is down {me}. gloo: {gloo}", (0,))
         if silent:
             now = time.monotonic()
-            ages = ", ".join(f"rank {r}: {now - self._seen_at[r]:.1f} s ago, last in "
+            ages = "; ".join(f"rank {r}: last beat {now - self._seen_at[r]:.1f} s ago, from "
                              f"{self._place[r]}" for r in silent)
             return RankFailure(
                 f"rank{'s' if len(silent) > 1 else ''} {_list(silent)} {how} in {where}: "
@@ -160,7 +160,7 @@ class Heartbeat:
                 f"({ages}), so the process died, was stopped (SIGSTOP), or its host is "
                 f"unreachable {me}. gloo: {gloo}", tuple(silent))
         others = [r for r in ranks if r != self.rank]
-        places = "; ".join(f"rank {r} in {self._place[r]}" for r in others)
+        places = "; ".join(f"rank {r} in {self._place[r]} at its last beat" for r in others)
         return RankFailure(
             f"a collective in {where} failed though every peer is alive: {places}. A rank that "
             f"runs a different number of forwards, or raised outside epmoe, leaves the others "

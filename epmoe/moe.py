@@ -226,13 +226,14 @@ class ExpertParallelMoE(nn.Module):
         # low_latency: one round (its limit is max_tokens_per_rank); else chunks.
         step = max(T, 1) if c.all2all_backend == "low_latency" else c.max_chunk_tokens
         outs, start = [], 0
-        while True:  # until no rank has tokens left
-            end = min(start + step, T)
-            y_TH, more_anywhere = self._chunk(x_TH[start:end], error, end < T)
-            outs.append(y_TH)
-            start = end
-            if not more_anywhere:
-                return outs[0] if len(outs) == 1 else torch.cat(outs)
+        with self._guard("forward"):  # (names where this rank is, between the phases)
+            while True:  # until no rank has tokens left
+                end = min(start + step, T)
+                y_TH, more_anywhere = self._chunk(x_TH[start:end], error, end < T)
+                outs.append(y_TH)
+                start = end
+                if not more_anywhere:
+                    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _chunk(self, x_TH: Tensor, error, more: bool) -> tuple[Tensor, bool]:
         c, s = self.config, self.state

@@ -3,11 +3,11 @@
     RANK=r WORLD_SIZE=n MASTER_ADDR=127.0.0.1 MASTER_PORT=p python tests/fault_worker.py \
         --victim 1 --fault KILL --timeout 5
 
-Every rank runs forwards of a small EP layer named "layer 3" in a loop. At
-its fourth forward the victim rank does its fault between its dispatch and its
-combine (in the middle of the forward): KILL or STOP itself, or (SLEEP) leave
-the loop and sleep, alive but absent. Every line printed is one JSON object:
-the victim's ``{"fault_at": t}`` just before, and each survivor's
+Every rank runs forwards of a small EP layer named "layer 3" in a loop. In
+the first forward after 1.5 s of them (a few heartbeats), the victim rank does
+its fault between its dispatch and its combine (in the middle of the forward):
+KILL or STOP itself, or (SLEEP) sleep there, alive but absent. Every line
+printed is one JSON object: the victim's ``{"fault_at": t}`` just before, and each survivor's
 ``{"rank", "error_type", "error", "at"}`` when its forward fails.
 """
 
@@ -41,10 +41,11 @@ def main() -> int:
     cfg = epmoe.MoEConfig(hidden_size=16, intermediate_size=32, num_experts=2 * state.ep_size,
                           all2all_backend=a.backend, max_tokens_per_rank=8)
     layer = epmoe.ExpertParallelMoE(cfg, state, name="layer 3")
-    compute, forwards = layer._compute, [0]
+    compute, forwards, start = layer._compute, [0], time.monotonic()
 
     def faulty_compute(received):
-        if state.rank == a.victim and forwards[0] == 3:
+        if state.rank == a.victim and time.monotonic() - start > 1.5 and forwards[0] >= 0:
+            forwards[0] = -10**9  # once
             say(fault_at=time.time(), pid=os.getpid())
             if a.fault == "SLEEP":
                 time.sleep(3600)
@@ -59,7 +60,7 @@ def main() -> int:
             with torch.no_grad():
                 layer(x)
             forwards[0] += 1
-            if forwards[0] > 10_000:
+            if time.monotonic() - start > 60:
                 say(rank=state.rank, error_type=None, error="no fault happened", at=time.time())
                 return 1
     except Exception as e:  # the survivors: what they say, and when

@@ -185,3 +185,18 @@ def test_large_forwards_run_in_chunks_that_bound_the_rows_received(backend):
     # Every token goes to rank 1: per round it receives at most G * max_chunk_tokens rows
     # (4 of rank 0's and its own 3 in the first round), never the 25 tokens at once.
     assert r1["peak_rows"] == 4 + 3
+
+
+@pytest.mark.parametrize("text,comm", [
+    ("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:32492", True),
+    ("[../gloo/transport/tcp/unbound_buffer.cc:129] Timed out waiting 5000ms for send", True),
+    ("Application timeout caused pair closure", True),  # seen beyond a cut link
+    ("[../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:18851: Connection reset", True),
+    ("mat1 and mat2 shapes cannot be multiplied (4x7 and 8x12)", False),
+    ("index 9 is out of bounds for dimension 0 with size 4", False),
+])
+def test_failed_collectives_are_told_from_other_errors(text, comm):
+    from epmoe.health import is_comm_error
+
+    assert is_comm_error(RuntimeError(text)) is comm
+    assert not is_comm_error(ValueError(text))

@@ -9,7 +9,9 @@ own, varying per forward; with ``--skew`` each forward's tokens lean towards one
 random expert, so that it takes most of them), and compares its output with ``epmoe.reference_moe``
 on the same tokens, computed locally with every expert. Rank 0 prints one line
 per backend (or progress lines with ``--forwards``), the resident memory of
-every rank at the start and the end, and PASS or FAIL. A rank that dies,
+every rank at the start and the end (a fresh process grows by about 13 MiB over
+its first thousand forwards, in gloo as much as in epmoe, then stays flat;
+``tests/test_soak.py`` measures after that), and PASS or FAIL. A rank that dies,
 stalls or becomes unreachable makes the others end with the error that names
 it (exit code 3); a FAIL exits 1.
 """
