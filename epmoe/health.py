@@ -117,9 +117,13 @@ class Heartbeat:
     # ------------------------------------------------------------------ diagnosis
 
     def _silent(self, ranks: tuple[int, ...]) -> tuple[list[int], float]:
-        now = time.monotonic()
-        silent = [r for r in ranks if r != self.rank and now - self._seen_at[r] > self.stale_after]
-        return silent, now - self._store_ok_at
+        """The peers that stopped beating while this rank still reached the store (judged
+        at its last contact: when the store itself goes, every peer looks silent), and
+        how long ago that contact was."""
+        ok_at = self._store_ok_at
+        silent = [r for r in ranks
+                  if r != self.rank and ok_at - self._seen_at[r] > self.stale_after]
+        return silent, time.monotonic() - ok_at
 
     def failure(self, where: str, error: BaseException, ranks: tuple[int, ...]) -> RankFailure:
         """The :class:`RankFailure` for a collective over ``ranks`` that failed in ``where``.
