@@ -20,21 +20,13 @@ import torch
 import torch.distributed as dist
 
 import epmoe
+from epmoe.parallel_state import gather_objects
 from epmoe.stats import PHASES
 
 
 def print0(state: epmoe.ParallelState, *args) -> None:
     if state.rank == 0:
         print(*args, flush=True)
-
-
-def gather(state: epmoe.ParallelState, obj) -> list:
-    """Every rank's ``obj`` (picklable), by rank; a list of one without a process group."""
-    if state.world_size == 1:
-        return [obj]
-    out = [None] * state.world_size
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def table(headers: list[str], rows: list[list]) -> str:
@@ -101,7 +93,7 @@ def _run(state: epmoe.ParallelState, cfg: epmoe.MoEConfig, tokens: int, seed: in
     # Step 1: routing, first tokens of every rank
     n = min(show_tokens, tokens)
     mine = [(t, ids[t].tolist(), weights[t].tolist()) for t in range(n)]
-    everyone = gather(state, mine)
+    everyone = gather_objects(mine, dist.group.WORLD)
     print0(state, "\nStep 1 - router: every rank scores its own tokens and picks top-k experts")
     for r, routed in enumerate(everyone):
         for t, eids, ws in routed:
@@ -113,10 +105,11 @@ def _run(state: epmoe.ParallelState, cfg: epmoe.MoEConfig, tokens: int, seed: in
     choices = [0] * G  # (token, expert) choices per destination rank
     for e, c in enumerate(s.tokens_per_expert):
         choices[owner[e]] += c
-    rows = gather(state, dict(send=s.send_rows, choices=choices, recv=s.recv_rows,
+    rows = gather_objects(dict(send=s.send_rows, choices=choices, recv=s.recv_rows,
                               dispatch=s.dispatch_bytes, combine=s.combine_bytes,
                               local=s.recv_per_local_expert, experts=layer.local_experts,
-                              mem=layer.expert_weight_bytes(), seconds=s.seconds))
+                              mem=layer.expert_weight_bytes(), seconds=s.seconds),
+                          dist.group.WORLD)
     print0(state, "\nStep 2 - dispatch (all-to-all): token rows sent, from rank (row) to rank")
     print0(state, table(["from \\ to"] + [f"rank {j}" for j in range(G)] + ["choices", "bytes out"],
                         [[f"rank {r}"] + o["send"] + [sum(o["choices"]),

@@ -16,7 +16,6 @@ E = experts (global), e = experts on this rank, k = top_k, G = EP ranks.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -35,7 +34,7 @@ from .experts import (
     local_experts_forward_fixed,
 )
 from .health import guarded
-from .parallel_state import ParallelState, gather_ints
+from .parallel_state import ParallelState, gather_ints, gather_objects
 from .placement import expert_map
 from .router import route
 from .stats import MoEStats, PhaseTimer
@@ -235,7 +234,8 @@ class ExpertParallelMoE(nn.Module):
                 if not more_anywhere:
                     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-    def _chunk(self, x_TH: Tensor, error, more: bool) -> tuple[Tensor, bool]:
+    def _chunk(self, x_TH: Tensor, error: InputError | None,
+               more: bool) -> tuple[Tensor, bool]:
         c, s = self.config, self.state
         self.chunks += 1
         timer = PhaseTimer(self.collect_stats, s.device)
@@ -259,7 +259,8 @@ class ExpertParallelMoE(nn.Module):
         return guarded(s.heartbeat, f"the {phase} of {self.name}", s.ep_ranks)
 
     def _one_batch(self, x_TH: Tensor, weights_TK: Tensor, ids_TK: Tensor,
-                   timer: PhaseTimer, error, more: bool) -> tuple[Tensor, bool]:
+                   timer: PhaseTimer, error: InputError | None,
+                   more: bool) -> tuple[Tensor, bool]:
         c = self.config
         has_shared = c.shared_intermediate_size > 0
         with self._guard("dispatch"):
@@ -279,7 +280,8 @@ class ExpertParallelMoE(nn.Module):
             timer.lap("shared")  # ~0 when overlapped: only the addition
         return y_TH, pending.more
 
-    def _two_microbatches(self, x_TH: Tensor, weights_TK: Tensor, ids_TK: Tensor, error,
+    def _two_microbatches(self, x_TH: Tensor, weights_TK: Tensor, ids_TK: Tensor,
+                          error: InputError | None,
                           more: bool) -> tuple[Tensor, bool]:
         """Halves A and B: B's dispatch travels while A computes, A's combine while B
         computes. Every rank splits (even with 0 or 1 tokens), so collectives pair up."""
@@ -372,8 +374,7 @@ class ExpertParallelMoE(nn.Module):
             seen = gather_ints([self.config.fingerprint()], s.device, s.ep_group)
             if len({v[0] for v in seen}) == 1:
                 return
-            configs: list = [None] * s.ep_size
-            dist.all_gather_object(configs, self.config, group=s.ep_group)
+            configs = gather_objects(self.config, s.ep_group)
         diff = {}
         for j, other in enumerate(configs):
             for field, (_, theirs) in configs[0].differences(other).items():

@@ -45,6 +45,7 @@ __all__ = [
     "all_gather_known",
     "exchange_counts",
     "gather_ints",
+    "gather_objects",
     "gather_sizes",
     "group_layout",
     "init_distributed",
@@ -410,6 +411,16 @@ def gather_ints(values: list[int], device: torch.device,
     got = [torch.empty_like(t) for _ in range(_group_size(group))]
     dist.all_gather(got, t, group=group)
     return torch.stack(got).tolist()
+
+
+def gather_objects(obj, group: dist.ProcessGroup | None) -> list:
+    """Every group rank's picklable ``obj``, by rank; ``[obj]`` without a process group.
+    For the world, pass ``dist.group.WORLD`` (``None`` too before any process group)."""
+    if group is None or _group_size(group) == 1:
+        return [obj]
+    out = [None] * _group_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
 
 
 def gather_sizes(n: int, device: torch.device, group: dist.ProcessGroup | None) -> list[int]:

@@ -21,11 +21,10 @@ import platform
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from ..benchmark import MODES, PRESETS, measure_case, preset_config, summarize
 from ..config import BACKENDS
-from ..parallel_state import destroy_distributed, init_distributed
+from ..parallel_state import destroy_distributed, gather_objects, init_distributed
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -72,10 +71,7 @@ def main(preset, mode, tokens, dtype, backend, dispatch_dtype, microbatches, ove
                                 overlap_microbatches=microbatches,
                                 overlap_shared=overlap_shared)
             mine = measure_case(cfg, state, n, reps=reps)
-            everyone = [mine]
-            if state.world_size > 1:
-                everyone = [None] * state.ep_size
-                dist.all_gather_object(everyone, mine, group=state.ep_group)
+            everyone = gather_objects(mine, state.ep_group)
             row = dict(preset=pr, mode=md, tokens_per_rank=n, dtype=dt, backend=be,
                        dispatch_dtype=dispatch_dtype, microbatches=microbatches,
                        **summarize(everyone))

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from ..config import BACKENDS, MoEConfig
 from ..errors import RankFailure
 from ..moe import ExpertParallelMoE
-from ..parallel_state import ParallelState, destroy_distributed, init_distributed
+from ..parallel_state import ParallelState, destroy_distributed, gather_objects, init_distributed
 from ..reference import compare_to_reference, full_optional_weights, full_weights
 
 
@@ -55,14 +55,6 @@ def rss_mib() -> float:
     with open("/proc/self/statm") as f:
         pages = int(f.read().split()[1])
     return pages * resource.getpagesize() / 2**20
-
-
-def _gather(state: ParallelState, obj) -> list:
-    if state.world_size == 1:
-        return [obj]
-    out = [None] * state.world_size
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def _check_backend(state: ParallelState, backend: str, a: argparse.Namespace) -> dict:
@@ -111,7 +103,7 @@ def main(**kwargs) -> int:
             t0 = time.perf_counter()
             r = _check_backend(state, backend, a)
             r["seconds"] = time.perf_counter() - t0
-            everyone = _gather(state, r)
+            everyone = gather_objects(r, dist.group.WORLD)
             results.append(everyone)
             if state.rank == 0:
                 ok = all(e["ok"] for e in everyone)

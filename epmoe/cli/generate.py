@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import parse_dtype
-from ..parallel_state import destroy_distributed, init_distributed
+from ..parallel_state import destroy_distributed, gather_objects, init_distributed
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -115,10 +115,7 @@ def main(model: str, prompt: list[str], prompt_ids: list[str], prompts_file: str
         seconds = time.perf_counter() - t0
         report = (state.rank, sum(len(r[3]) for r in results), seconds, m.epmoe.dummy_steps,
                   error)
-        gathered = [(results, report)]
-        if state.world_size > 1:
-            gathered = [None] * state.world_size
-            dist.all_gather_object(gathered, (results, report))
+        gathered = gather_objects((results, report), dist.group.WORLD)
         if state.rank == 0:
             _print(model_dir, m, state, gathered, max_new_tokens)
     finally:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..config import MoEConfig, parse_dtype
 from ..health import guarded
 from ..moe import ExpertParallelMoE
-from ..parallel_state import ParallelState
+from ..parallel_state import ParallelState, gather_objects
 from .checkpoint import CheckpointError, CheckpointReader
 from .families import Family, family_of
 from .lockstep import Lockstep
@@ -171,9 +171,8 @@ def _agree(state: ParallelState, error: BaseException | None, what: str) -> None
     if state.world_size == 1:
         return
     mine = None if error is None else f"{type(error).__name__}: {error}"
-    every: list = [None] * state.world_size
     with guarded(state.heartbeat, what, tuple(range(state.world_size))):
-        dist.all_gather_object(every, mine)
+        every = gather_objects(mine, dist.group.WORLD)
     if error is not None:
         raise error
     failed = [(r, m) for r, m in enumerate(every) if m is not None]
