@@ -121,3 +121,23 @@ def test_keep_slots_moves_only_what_changed():
 def test_bad_arguments_are_named(args, match):
     with pytest.raises(ValueError, match=match):
         rebalance_experts(*args)
+
+
+def test_simulation_command(capsys):
+    from epmoe.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["eplb", "--experts", "64", "--ranks", "4", "--nodes", "1", "--groups", "1",
+              "--redundant", "8", "--layers", "2", "--load", "hot"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    assert "2 layer(s), 64 experts, 4 ranks on 1 node(s), 1 groups, 8 redundant (72 physical)" \
+        in out
+    assert "18 x 84.0 MiB = 1512.0 MiB with the redundant experts" in out
+    after = [float(line.split()[2]) for line in out.splitlines() if line[:5].strip().isdigit()]
+    before = [float(line.split()[1]) for line in out.splitlines() if line[:5].strip().isdigit()]
+    assert len(after) == 2 and all(b < 0.7 and a > 0.9 for a, b in zip(after, before, strict=True))
+    with pytest.raises(SystemExit) as e:
+        main(["eplb", "--ranks", "3"])
+    assert e.value.code == 2 and "--experts 256 must be a multiple of --ranks 3" in \
+        capsys.readouterr().err

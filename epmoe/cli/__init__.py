@@ -15,6 +15,7 @@ COMMANDS = {
     "generate": "greedy generation from a Hugging Face MoE checkpoint, expert-parallel",
     "bench": "benchmark the MoE layer: presets, modes, dtypes, dispatch backends",
     "check": "check the EP layer against the reference on this world (also across hosts)",
+    "eplb": "simulate expert placement (EPLB) for a deployment: balance and memory per rank",
 }
 
 
