@@ -105,6 +105,8 @@ class MoEConfig:
     nonfinite: str = "raise"  # NaN/Inf in a rank's tokens or router scores: "raise" on every
     #   rank (reads one flag per forward), or "propagate": no check; a non-finite token
     #   gives non-finite output rows of its own and leaves every other token exact
+    load_window: int = 0  # > 0: keep the group-wide tokens per expert of the last this many
+    #   forwards (layer.load, for load balancing; one all-reduce of [E] counts per forward)
     max_chunk_tokens: int = 8192  # a forward of more tokens on some rank runs in chunks of at
     #   most this many tokens per rank (all ranks take the same number of chunks), which
     #   bounds the rows a rank receives, however the tokens route, to G * max_chunk_tokens
@@ -135,6 +137,10 @@ class MoEConfig:
         c = self.max_chunk_tokens
         if isinstance(c, bool) or not isinstance(c, int) or c < 1:
             raise ValueError(f"MoEConfig.max_chunk_tokens must be a positive int, got {c!r}")
+        w = self.load_window
+        if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+            raise ValueError(f"MoEConfig.load_window must be an int >= 0 (0: no load "
+                             f"statistics), got {w!r}")
         m = self.max_tokens_per_rank
         if isinstance(m, bool) or not isinstance(m, int) or m < 0:
             raise ValueError(f"MoEConfig.max_tokens_per_rank must be an int >= 0, got {m!r}")

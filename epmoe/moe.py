@@ -34,10 +34,10 @@ from .experts import (
     local_experts_forward_fixed,
 )
 from .health import guarded
-from .parallel_state import ParallelState, gather_ints, gather_objects
+from .parallel_state import ParallelState, all_reduce_sum, gather_ints, gather_objects
 from .placement import expert_map
 from .router import route
-from .stats import MoEStats, PhaseTimer
+from .stats import ExpertLoad, MoEStats, PhaseTimer
 
 __all__ = ["ExpertParallelMoE", "optional_weight_shapes"]
 
@@ -129,6 +129,9 @@ class ExpertParallelMoE(nn.Module):
                              persistent=False)
         self.dispatcher = make_dispatcher(config, state, self.owner, self.local_index)
         self.dispatcher.where = f"the dispatch of {name}"
+        # Group-wide tokens per logical expert over the last config.load_window forwards.
+        self.load = ExpertLoad(config.num_experts, config.load_window) \
+            if config.load_window else None
         self.chunks = 0  # dispatch rounds over all forwards (a forward may take several)
         self.peak_rows = 0  # most rows this rank received in one round (bounded by chunking)
         impl = config.expert_impl
@@ -225,6 +228,8 @@ class ExpertParallelMoE(nn.Module):
         # low_latency: one round (its limit is max_tokens_per_rank); else chunks.
         step = max(T, 1) if c.all2all_backend == "low_latency" else c.max_chunk_tokens
         outs, start = [], 0
+        self._load_E = None if self.load is None else \
+            torch.zeros(c.num_experts, dtype=torch.int64, device=x_TH.device)
         with self._guard("forward"):  # (names where this rank is, between the phases)
             while True:  # until no rank has tokens left
                 end = min(start + step, T)
@@ -232,7 +237,12 @@ class ExpertParallelMoE(nn.Module):
                 outs.append(y_TH)
                 start = end
                 if not more_anywhere:
-                    return outs[0] if len(outs) == 1 else torch.cat(outs)
+                    break
+        if self.load is not None:
+            s = self.state
+            with self._guard("load statistics"):
+                self.load.add(all_reduce_sum(self._load_E, s.ep_group))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _chunk(self, x_TH: Tensor, error: InputError | None,
                more: bool) -> tuple[Tensor, bool]:
@@ -245,6 +255,8 @@ class ExpertParallelMoE(nn.Module):
             self.weight("score_correction_bias"), return_logits=True)
         if error is None and c.nonfinite == "raise":
             error = self._check_finite(x_TH, logits_TE, weights_TK)
+        if self._load_E is not None:
+            self._load_E += torch.bincount(ids_TK.flatten(), minlength=c.num_experts)
         timer.lap("router")
         if c.overlap_microbatches and not self.collect_stats:
             y_TH, more = self._two_microbatches(x_TH, weights_TK, ids_TK, error, more)

@@ -37,6 +37,7 @@ from .health import Heartbeat
 
 __all__ = [
     "ParallelState",
+    "all_reduce_sum",
     "all_gather_v",
     "PendingAllToAll",
     "all_to_all_v",
@@ -411,6 +412,16 @@ def gather_ints(values: list[int], device: torch.device,
     got = [torch.empty_like(t) for _ in range(_group_size(group))]
     dist.all_gather(got, t, group=group)
     return torch.stack(got).tolist()
+
+
+def all_reduce_sum(t: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    """The sum over the group's ranks of ``t`` (a new tensor; ``t`` itself on a group of
+    one). Not differentiable."""
+    if _group_size(group) == 1:
+        return t
+    out = t.clone()
+    dist.all_reduce(out, group=group)
+    return out
 
 
 def gather_objects(obj, group: dist.ProcessGroup | None) -> list:

@@ -8,11 +8,13 @@ nothing is synchronised or counted when it is off.
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor
 
-__all__ = ["MoEStats", "PhaseTimer"]
+__all__ = ["ExpertLoad", "MoEStats", "PhaseTimer"]
 
 PHASES = ("router", "dispatch", "experts", "combine")  # and "shared" when it runs after
 
@@ -57,3 +59,40 @@ class PhaseTimer:
     def _sync(self) -> None:
         if self.cuda:
             torch.cuda.synchronize()  # NOTE: host sync, only when statistics are on
+
+
+class ExpertLoad:
+    """Tokens per logical expert over the last ``window`` forwards, summed over the EP group
+    (every rank's tokens, not only those routed to this rank's experts): the load that
+    expert-parallel load balancing (``epmoe.eplb``) places experts from. The layer keeps
+    one when ``MoEConfig.load_window > 0`` (one all-reduce of ``[E]`` counts per forward);
+    none when it is 0."""
+
+    def __init__(self, num_experts: int, window: int) -> None:
+        if window < 1:
+            raise ValueError(f"ExpertLoad window must be >= 1 forwards, got {window}")
+        self.num_experts, self.window = num_experts, window
+        self._counts: deque[Tensor] = deque(maxlen=window)
+
+    def add(self, counts_E: Tensor) -> None:
+        """One forward's group-wide tokens per expert ``[E]``."""
+        self._counts.append(counts_E.detach().to("cpu", torch.int64))
+
+    @property
+    def forwards(self) -> int:
+        return len(self._counts)
+
+    def total(self) -> Tensor:
+        """Tokens per expert ``[E]`` summed over the window (int64, on the CPU)."""
+        if not self._counts:
+            return torch.zeros(self.num_experts, dtype=torch.int64)
+        return torch.stack(list(self._counts)).sum(0)
+
+    def per_rank(self, owner_E: Tensor, ep_size: int) -> Tensor:
+        """Tokens per EP rank ``[G]`` over the window, for the placement ``owner_E``."""
+        return torch.zeros(ep_size, dtype=torch.int64).index_add_(0, owner_E.cpu(), self.total())
+
+    def balancedness(self, owner_E: Tensor, ep_size: int) -> float:
+        """Mean over max of the tokens per rank (1.0: perfectly even; 1.0 with no tokens)."""
+        t = self.per_rank(owner_E, ep_size).double()
+        return float(t.mean() / t.max()) if float(t.max()) > 0 else 1.0

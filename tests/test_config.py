@@ -51,6 +51,7 @@ def test_frozen_and_replace_revalidates():
     ("nonfinite", "ignore", r"nonfinite must be one of \['raise', 'propagate'\]"),
     ("max_chunk_tokens", 0, r"max_chunk_tokens must be a positive int, got 0"),
     ("max_chunk_tokens", 1.5, r"max_chunk_tokens must be a positive int"),
+    ("load_window", -1, r"load_window must be an int >= 0 \(0: no load statistics\)"),
 ])
 def test_invalid_values(field, value, match):
     with pytest.raises(ValueError, match=match):

@@ -141,3 +141,36 @@ def test_simulation_command(capsys):
         main(["eplb", "--ranks", "3"])
     assert e.value.code == 2 and "--experts 256 must be a multiple of --ranks 3" in \
         capsys.readouterr().err
+
+
+def _load_worker(backend: str) -> dict:
+    import epmoe
+
+    state = epmoe.init_distributed(force_cpu=True, timeout_s=30)
+    cfg = epmoe.MoEConfig(hidden_size=8, intermediate_size=8, num_experts=6, top_k=2,
+                          all2all_backend=backend, max_tokens_per_rank=9, load_window=2,
+                          max_chunk_tokens=4)
+    layer = epmoe.ExpertParallelMoE(cfg, state, seed=2)
+    counts = []
+    for i, T in enumerate([5, 9, 3] if state.rank == 0 else [0, 7, 8]):
+        x = torch.randn(T, 8, generator=torch.Generator().manual_seed(10 * i + state.rank))
+        with torch.no_grad():
+            layer(x)
+        ids = epmoe.route(x, layer.router_weight, cfg)[1]
+        counts.append(torch.bincount(ids.flatten(), minlength=6))
+    return dict(total=layer.load.total(), mine=counts, forwards=layer.load.forwards,
+                balance=layer.load.balancedness(layer.owner, state.ep_size),
+                per_rank=layer.load.per_rank(layer.owner, state.ep_size))
+
+
+@pytest.mark.parametrize("backend", ["alltoall", "low_latency"])
+def test_load_statistics_sum_the_group_over_a_window(backend):
+    from multiproc import run_ranks
+
+    r0, r1 = run_ranks(_load_worker, 2, backend)
+    want = sum(r["mine"][i] for r in (r0, r1) for i in (1, 2))  # the last 2 forwards
+    for r in (r0, r1):
+        assert r["forwards"] == 2 and torch.equal(r["total"], want)
+        per_rank = torch.tensor([int(want[:3].sum()), int(want[3:].sum())])
+        assert torch.equal(r["per_rank"], per_rank)
+        assert r["balance"] == pytest.approx(float(per_rank.double().mean() / per_rank.max()))
