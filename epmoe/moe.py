@@ -34,6 +34,7 @@ from .experts import (
     local_experts_forward_fixed,
 )
 from .health import guarded
+from .ops import capturing
 from .parallel_state import ParallelState, all_reduce_sum, gather_ints, gather_objects
 from .placement import expert_map
 from .router import route
@@ -253,8 +254,8 @@ class ExpertParallelMoE(nn.Module):
         weights_TK, ids_TK, logits_TE = route(
             x_TH, self.router_weight, c, self.weight("router_bias"),
             self.weight("score_correction_bias"), return_logits=True)
-        if error is None and c.nonfinite == "raise":
-            error = self._check_finite(x_TH, logits_TE, weights_TK)
+        if error is None and c.nonfinite == "raise" and not capturing():  # (no host reads
+            error = self._check_finite(x_TH, logits_TE, weights_TK)  # in a CUDA graph)
         if self._load_E is not None:
             self._load_E += torch.bincount(ids_TK.flatten(), minlength=c.num_experts)
         timer.lap("router")

@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["sum_rows"]
+__all__ = ["capturing", "sum_rows"]
+
+
+def capturing() -> bool:
+    """Whether a CUDA graph is being captured now (nothing may be read on the host)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def sum_rows(src_MH: Tensor, rows_M: Tensor, slots_M: Tensor, num_rows: int,

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError, Problem
+from ..ops import capturing
 from ..parallel_state import _all_to_all, _joins_backward, all_to_all_v_start
 from .base import META_BYTES, Deferred, Dispatcher, Received, Wire, header_of, settle
 
@@ -125,7 +126,7 @@ class LowLatencyDispatcher(Dispatcher):
             x_buf, w_buf = _joins_backward(x_buf), _joins_backward(w_buf)
             x_R, w_R, ids_R, heads_G2 = _PackedExchange.apply(x_buf, w_buf, ids_buf, head_2,
                                                               self.group, G, self.codec)
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        if capturing():
             if error is not None:  # in a CUDA graph: nothing is read on the host
                 raise error
         else:  # NOTE: reads G*2 numbers on the host (free on the CPU)
