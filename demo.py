@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 import epmoe
-from epmoe.parallel_state import gather_objects
+from epmoe.collectives import gather_objects
 from epmoe.stats import PHASES
 
 

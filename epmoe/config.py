@@ -113,14 +113,12 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "intermediate_size", "num_experts", "top_k", "n_group",
-                     "topk_group"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"MoEConfig.{name} must be a positive int, got {value!r}")
-        s = self.shared_intermediate_size
-        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
-            raise ValueError(f"MoEConfig.shared_intermediate_size must be an int >= 0 "
-                             f"(0: no shared expert), got {s!r}")
+                     "topk_group", "max_chunk_tokens"):
+            _check_int(name, getattr(self, name), 1)
+        _check_int("shared_intermediate_size", self.shared_intermediate_size, 0,
+                   "0: no shared expert")
+        _check_int("load_window", self.load_window, 0, "0: no load statistics")
+        _check_int("max_tokens_per_rank", self.max_tokens_per_rank, 0)
         if self.top_k > self.num_experts:
             raise ValueError(
                 f"MoEConfig.top_k={self.top_k} must be <= num_experts={self.num_experts} "
@@ -134,17 +132,7 @@ class MoEConfig:
         _check_choice("expert_impl", self.expert_impl, EXPERT_IMPLS)
         _check_choice("dispatch_dtype", self.dispatch_dtype, DISPATCH_DTYPES)
         _check_choice("nonfinite", self.nonfinite, NONFINITE)
-        c = self.max_chunk_tokens
-        if isinstance(c, bool) or not isinstance(c, int) or c < 1:
-            raise ValueError(f"MoEConfig.max_chunk_tokens must be a positive int, got {c!r}")
-        w = self.load_window
-        if isinstance(w, bool) or not isinstance(w, int) or w < 0:
-            raise ValueError(f"MoEConfig.load_window must be an int >= 0 (0: no load "
-                             f"statistics), got {w!r}")
-        m = self.max_tokens_per_rank
-        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
-            raise ValueError(f"MoEConfig.max_tokens_per_rank must be an int >= 0, got {m!r}")
-        if self.all2all_backend == "low_latency" and m < 1:
+        if self.all2all_backend == "low_latency" and self.max_tokens_per_rank < 1:
             raise ValueError("MoEConfig.all2all_backend='low_latency' needs max_tokens_per_rank "
                              ">= 1: its buffers hold that many tokens per rank pair")
         for name in ("renormalize", "router_bias", "router_fp32", "score_correction_bias",
@@ -210,6 +198,13 @@ class MoEConfig:
     def replace(self, **changes) -> MoEConfig:
         """A new, validated config with some fields changed."""
         return dataclasses.replace(self, **changes)
+
+
+def _check_int(name: str, value: object, minimum: int, note: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"MoEConfig.{name} must be {what}{f' ({note})' if note else ''}, "
+                         f"got {value!r}")
 
 
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .collectives import all_reduce_sum, gather_ints, gather_objects
 from .config import MoEConfig
 from .dispatch import make_dispatcher
 from .errors import InputError, Problem
@@ -35,7 +36,7 @@ from .experts import (
 )
 from .health import guarded
 from .ops import capturing
-from .parallel_state import ParallelState, all_reduce_sum, gather_ints, gather_objects
+from .parallel_state import ParallelState
 from .placement import expert_map
 from .router import route
 from .stats import ExpertLoad, MoEStats, PhaseTimer

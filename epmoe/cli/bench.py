@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from ..benchmark import MODES, PRESETS, measure_case, preset_config, summarize
+from ..collectives import gather_objects
 from ..config import BACKENDS
-from ..parallel_state import destroy_distributed, gather_objects, init_distributed
+from ..parallel_state import destroy_distributed, init_distributed
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -26,10 +26,11 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..collectives import gather_objects
 from ..config import BACKENDS, MoEConfig
 from ..errors import RankFailure
 from ..moe import ExpertParallelMoE
-from ..parallel_state import ParallelState, destroy_distributed, gather_objects, init_distributed
+from ..parallel_state import ParallelState, destroy_distributed, init_distributed
 from ..reference import compare_to_reference, full_optional_weights, full_weights
 
 

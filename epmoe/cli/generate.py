@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..collectives import gather_objects
 from ..config import parse_dtype
-from ..parallel_state import destroy_distributed, gather_objects, init_distributed
+from ..parallel_state import destroy_distributed, init_distributed
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

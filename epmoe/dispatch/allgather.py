@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..collectives import _joins_backward, all_gather_known, gather_ints, reduce_scatter_v
 from ..errors import InputError
-from ..parallel_state import _joins_backward, all_gather_known, gather_ints, reduce_scatter_v
 from .base import META_BYTES, Deferred, Dispatcher, Received, Wire, header_of, settle
 from .quant import Relay
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..collectives import _all_to_all, _joins_backward, all_to_all_v_start, exchange_counts
 from ..errors import InputError
 from ..ops import sum_rows
-from ..parallel_state import _all_to_all, _joins_backward, all_to_all_v_start, exchange_counts
 from .base import META_BYTES, Deferred, Dispatcher, Received, Wire, header_of, settle
 from .index import pack_rows, pair_hits, plan_dispatch
 from .quant import Relay

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..collectives import _all_to_all, _joins_backward, all_to_all_v_start
 from ..errors import InputError, Problem
 from ..ops import capturing
-from ..parallel_state import _all_to_all, _joins_backward, all_to_all_v_start
 from .base import META_BYTES, Deferred, Dispatcher, Received, Wire, header_of, settle
 
 __all__ = ["LowLatencyDispatcher", "too_many_tokens"]

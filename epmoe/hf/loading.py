@@ -17,10 +17,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..collectives import gather_objects
 from ..config import MoEConfig, parse_dtype
 from ..health import guarded
 from ..moe import ExpertParallelMoE
-from ..parallel_state import ParallelState, gather_objects
+from ..parallel_state import ParallelState
 from .checkpoint import CheckpointError, CheckpointReader
 from .families import Family, family_of
 from .lockstep import Lockstep
