@@ -26,7 +26,8 @@ from .parallel_state import (
     init_distributed,
     single_process_state,
 )
-from .placement import ExpertMap, expert_map
+from .placement import ExpertMap, choose_replicas, expert_map, map_of_slots
+from .rebalance import Rebalance
 from .reference import (
     Comparison,
     compare_to_reference,
@@ -50,9 +51,11 @@ __all__ = [
     "PeerInputError",
     "PendingAllToAll",
     "RankFailure",
+    "Rebalance",
     "all_gather_v",
     "all_to_all_v",
     "all_to_all_v_start",
+    "choose_replicas",
     "destroy_distributed",
     "exchange_counts",
     "expert_map",
@@ -62,6 +65,7 @@ __all__ = [
     "group_layout",
     "init_distributed",
     "make_dispatcher",
+    "map_of_slots",
     "optional_weight_shapes",
     "parse_dtype",
     "reference_moe",

@@ -164,10 +164,11 @@ class _ReduceScatterV(torch.autograd.Function):
     def forward(ctx, x: Tensor, sizes: list[int], group) -> Tensor:
         ctx.sizes, ctx.group = sizes, group
         mine = sizes[dist.get_rank(group)]
-        # An all-to-all of the blocks, then a fixed-order fp32 sum: gloo has no
-        # uneven reduce-scatter, and this one is deterministic.
+        # An all-to-all of the blocks, then a fixed-order sum in fp32 (or float64 for
+        # float64 rows): gloo has no uneven reduce-scatter, and this one is deterministic.
         got = _all_to_all(x.contiguous(), sizes, [mine] * len(sizes), group)
-        return got.view(len(sizes), mine, *x.shape[1:]).float().sum(0).to(x.dtype)
+        acc = torch.promote_types(x.dtype, torch.float32)
+        return got.view(len(sizes), mine, *x.shape[1:]).to(acc).sum(0).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):

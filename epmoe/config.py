@@ -105,11 +105,22 @@ class MoEConfig:
     nonfinite: str = "raise"  # NaN/Inf in a rank's tokens or router scores: "raise" on every
     #   rank (reads one flag per forward), or "propagate": no check; a non-finite token
     #   gives non-finite output rows of its own and leaves every other token exact
-    load_window: int = 0  # > 0: keep the group-wide tokens per expert of the last this many
-    #   forwards (layer.load, for load balancing; one all-reduce of [E] counts per forward)
     max_chunk_tokens: int = 8192  # a forward of more tokens on some rank runs in chunks of at
     #   most this many tokens per rank (all ranks take the same number of chunks), which
     #   bounds the rows a rank receives, however the tokens route, to G * max_chunk_tokens
+
+    # --- load balancing (epmoe.eplb, epmoe.rebalance) ---
+    load_window: int = 0  # > 0: keep the group-wide tokens per expert of the last this many
+    #   forwards (layer.load, for load balancing; one all-reduce of [E] counts per forward)
+    num_redundant_experts: int = 0  # extra physical experts: E + this many slots, spread
+    #   evenly over the EP ranks (the sum must divide by ep_size when > 0); a replicated
+    #   expert's tokens are shared out over its copies, which hold the same weights
+    rebalance_interval: int = 0  # > 0: re-place the experts from layer.load every this many
+    #   forwards (needs load_window); 0: only when layer.rebalance() is called
+    batch_invariant: bool = False  # every expert product takes a fixed number of rows
+    #   (experts.INVARIANT_ROWS, zero-padded), so a token's expert outputs have the same bits
+    #   whatever else is in the batch: with top_k <= 2, outputs are then bitwise the same
+    #   after a rebalance or on another copy. Overrides expert_impl; costs the padding
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "intermediate_size", "num_experts", "top_k", "n_group",
@@ -118,6 +129,12 @@ class MoEConfig:
         _check_int("shared_intermediate_size", self.shared_intermediate_size, 0,
                    "0: no shared expert")
         _check_int("load_window", self.load_window, 0, "0: no load statistics")
+        _check_int("num_redundant_experts", self.num_redundant_experts, 0)
+        _check_int("rebalance_interval", self.rebalance_interval, 0, "0: only on demand")
+        if self.rebalance_interval and not self.load_window:
+            raise ValueError(f"MoEConfig.rebalance_interval={self.rebalance_interval} needs "
+                             "load_window > 0: the placement is computed from the load "
+                             "statistics of that window")
         _check_int("max_tokens_per_rank", self.max_tokens_per_rank, 0)
         if self.top_k > self.num_experts:
             raise ValueError(
@@ -137,7 +154,7 @@ class MoEConfig:
                              ">= 1: its buffers hold that many tokens per rank pair")
         for name in ("renormalize", "router_bias", "router_fp32", "score_correction_bias",
                      "expert_bias", "shared_expert_gate", "overlap_shared",
-                     "overlap_microbatches", "weigh_in_fp32"):
+                     "overlap_microbatches", "weigh_in_fp32", "batch_invariant"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MoEConfig.{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("routed_scaling_factor", "swiglu_alpha", "swiglu_limit"):
@@ -176,13 +193,38 @@ class MoEConfig:
         """The dtype of the router weight and logits."""
         return torch.float32 if self.router_fp32 else self.dtype
 
+    @property
+    def partial_dtype(self) -> torch.dtype:
+        """The dtype of the partial outputs that travel back in combine: the model's, or
+        with ``batch_invariant`` a wider one (float64 for a float32 model, else float32)
+        in which a token's weighted expert outputs are added and then rounded once, so
+        the order of the additions (which follows the placement) does not show."""
+        if not self.batch_invariant:
+            return self.dtype
+        return torch.float64 if self.dtype == torch.float32 else torch.float32
+
+    @property
+    def num_physical_experts(self) -> int:
+        """P: slots for experts over the EP group, logical experts plus redundant copies."""
+        return self.num_experts + self.num_redundant_experts
+
     def check_ep_size(self, ep_size: int) -> None:
-        """Every rank of an EP group must hold at least one expert."""
+        """Every rank of an EP group holds at least one expert; with redundant experts or
+        rebalancing, every rank holds the same number of slots."""
         if self.num_experts < ep_size:
             raise ValueError(
                 f"MoEConfig.num_experts={self.num_experts} must be >= ep_size={ep_size}: "
                 f"every EP rank holds at least one expert (use ep_size <= {self.num_experts})"
             )
+        P, E = self.num_physical_experts, self.num_experts
+        if (self.num_redundant_experts or self.rebalance_interval) and P % ep_size:
+            allowed = [r for r in range(0, 2 * ep_size) if (E + r) % ep_size == 0][:2]
+            raise ValueError(
+                f"MoEConfig: num_experts + num_redundant_experts = {E} + "
+                f"{self.num_redundant_experts} = {P} slots do not divide evenly over "
+                f"ep_size={ep_size} ranks (needed for redundant experts and rebalancing); "
+                f"num_redundant_experts could be {allowed[0]} or {allowed[1]}, plus any "
+                f"multiple of {ep_size}")
 
     def fingerprint(self) -> int:
         """A 63-bit hash of every field, equal on every host and Python process."""

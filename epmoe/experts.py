@@ -221,9 +221,44 @@ def grouped_experts(x_MH: Tensor, offs_e: Tensor, expert_M: Tensor | None,
     return y_MH
 
 
+INVARIANT_ROWS = 32  # batch_invariant: every expert product takes exactly this many rows
+
+
+def invariant_experts(x_MH: Tensor, counts: list[int], experts: ExpertWeights,
+                      glu: GLU) -> Tensor:
+    """:func:`run_experts` with results that depend only on each row and its expert, not on
+    the other rows in the batch (``MoEConfig.batch_invariant``).
+
+    CPU matrix libraries pick their kernel (and so the order of the additions) by the
+    number of rows: a row alone, or among 10 others, can come out a bit different from
+    the same row among 1000. Here every product takes exactly ``INVARIANT_ROWS`` rows
+    (an expert's rows in tiles, the last padded with zeros), so a row gives the same bits
+    wherever the router, a rebalance or a copy sends it. Costs the padding (at most
+    ``INVARIANT_ROWS - 1`` rows per expert) and a call per tile.
+    """
+    B = INVARIANT_ROWS
+    outs, start = [], 0
+    for i, n in enumerate(counts):
+        biases = [None if b is None else b[i] for b in experts[2:]]
+        x_nH = x_MH[start : start + n]
+        if n:  # pad to whole tiles; each tile is one product of exactly B rows
+            tiles = -(-n // B)
+            x_nH = torch.cat([x_nH, x_nH.new_zeros((tiles * B - n, x_nH.shape[1]))])
+            y = torch.cat([expert_mlp(x_nH[t * B : (t + 1) * B], experts.w_gate_up[i],
+                                      experts.w_down[i], glu, *biases) for t in range(tiles)])
+            outs.append(y[:n])
+        else:  # (empty, as in the loop: the same graph on every rank)
+            outs.append(expert_mlp(x_nH, experts.w_gate_up[i], experts.w_down[i], glu, *biases))
+        start += n
+    return torch.cat(outs)
+
+
 def run_experts(x_MH: Tensor, counts: list[int], experts: ExpertWeights, glu: GLU,
                 impl: str) -> Tensor:
-    """Rows ``x_MH`` sorted by local expert (``counts[i]`` rows for expert i) -> ``[M, H]``."""
+    """Rows ``x_MH`` sorted by local expert (``counts[i]`` rows for expert i) -> ``[M, H]``.
+    ``impl``: ``"loop"``, ``"grouped_mm"`` or ``"invariant"`` (:func:`invariant_experts`)."""
+    if impl == "invariant":
+        return invariant_experts(x_MH, counts, experts, glu)
     if impl == "grouped_mm":
         counts_t = torch.tensor(counts, dtype=torch.int32)
         offs = counts_t.cumsum(0, dtype=torch.int32).to(x_MH.device, non_blocking=True)
@@ -255,10 +290,14 @@ def run_experts(x_MH: Tensor, counts: list[int], experts: ExpertWeights, glu: GL
     return torch.cat(outs)
 
 
-def weigh(y_MH: Tensor, w_M: Tensor, in_fp32: bool) -> Tensor:
+def weigh(y_MH: Tensor, w_M: Tensor, in_fp32: bool,
+          accumulate: torch.dtype | None = None) -> Tensor:
     """Each output row times its fp32 routing weight: in ``y``'s dtype, the weight
     rounded first (in place when no gradient is needed: no fp32 copy of y), or, with
-    ``in_fp32``, in fp32 (the result stays fp32, for a fp32 sum)."""
+    ``in_fp32``, in fp32 (the result stays fp32, for a fp32 sum), or in ``accumulate``
+    (a wider dtype, in which the product of two fp32 numbers is exact for float64)."""
+    if accumulate is not None and accumulate != y_MH.dtype:
+        return y_MH.to(accumulate) * w_M.to(accumulate).unsqueeze(1)
     if in_fp32 and y_MH.dtype != torch.float32:
         return y_MH.float() * w_M.float().unsqueeze(1)
     w_M1 = w_M.to(y_MH.dtype).unsqueeze(1)
@@ -267,14 +306,14 @@ def weigh(y_MH: Tensor, w_M: Tensor, in_fp32: bool) -> Tensor:
 
 def local_experts_forward(
     x_NH: Tensor, local_ids_NK: Tensor, weights_NK: Tensor, experts: ExpertWeights, glu: GLU,
-    impl: str = "loop", weigh_in_fp32: bool = False,
+    impl: str = "loop", weigh_in_fp32: bool = False, accumulate: torch.dtype | None = None,
 ) -> tuple[Tensor, list[int]]:
     """Each received row's weighted sum over the slots whose expert is local.
 
-    Returns ``(partial_NH, counts)``: ``[N, H]`` in ``x``'s dtype, and the
-    number of (row, slot) pairs each local expert computed. Weighting and the
+    Returns ``(partial_NH, counts)``: ``[N, H]`` in ``x``'s dtype (or ``accumulate``),
+    and the number of (row, slot) pairs each local expert computed. Weighting and the
     sum over a row's few slots run in the model's dtype (see ``sum_rows``), or in
-    fp32 with ``weigh_in_fp32``.
+    fp32 with ``weigh_in_fp32``, or in ``accumulate``.
     """
     N, k = local_ids_NK.shape
     pair_M, counts = sort_by_local_expert(local_ids_NK, experts.w_down.shape[0])
@@ -284,8 +323,9 @@ def local_experts_forward(
         impl = "loop"
     rows_M = pair_M.div(k, rounding_mode="floor")
     y_MH = run_experts(x_NH.index_select(0, rows_M), counts, experts, glu, impl)
-    y_MH = weigh(y_MH, weights_NK.reshape(-1).index_select(0, pair_M), weigh_in_fp32)
-    return sum_rows(y_MH, rows_M, pair_M % k, N, k).to(x_NH.dtype), counts
+    y_MH = weigh(y_MH, weights_NK.reshape(-1).index_select(0, pair_M), weigh_in_fp32,
+                 accumulate)
+    return sum_rows(y_MH, rows_M, pair_M % k, N, k).to(accumulate or x_NH.dtype), counts
 
 
 def local_experts_forward_fixed(

@@ -10,7 +10,13 @@ Every rank passes its own tokens through the four steps of expert parallelism:
 
 Collectives happen only inside dispatch and combine. Shape legend: T = tokens
 on this rank, H = hidden size, F = intermediate size, Fs = shared-expert size,
-E = experts (global), e = experts on this rank, k = top_k, G = EP ranks.
+E = experts (global), e = experts on this rank, k = top_k, G = EP ranks,
+P = physical expert slots (E plus redundant copies).
+
+Load balancing: with ``num_redundant_experts`` a hot expert has several copies
+(slots), and each token's choice of it goes to one copy (``placement.choose_replicas``);
+``rebalance()`` re-places the experts from the load statistics, moving only the
+rows whose expert changes (``epmoe.rebalance``), between two forwards.
 """
 
 from __future__ import annotations
@@ -37,11 +43,12 @@ from .experts import (
 from .health import guarded
 from .ops import capturing
 from .parallel_state import ParallelState
-from .placement import expert_map
+from .placement import ExpertMap, choose_replicas, expert_map
+from .rebalance import Rebalance, rebalance_layer
 from .router import route
 from .stats import ExpertLoad, MoEStats, PhaseTimer
 
-__all__ = ["ExpertParallelMoE", "optional_weight_shapes"]
+__all__ = ["ExpertParallelMoE", "Rebalance", "optional_weight_shapes"]
 
 EXPERT_NAMES = ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")
 
@@ -102,11 +109,11 @@ class ExpertParallelMoE(nn.Module):
         # Token rows put on the wire to each EP rank over all forwards (the entry for
         # self stays local). Free to keep: the split sizes are host ints anyway.
         self.rows_sent: list[int] = [0] * state.ep_size
-        self.expert_map = expert_map(config.num_experts, state.ep_size, config.placement)
-        self.local_experts: tuple[int, ...] = self.expert_map.experts_on(state.ep_rank)
+        self.expert_map = expert_map(config.num_experts, state.ep_size, config.placement,
+                                     config.num_redundant_experts)
         self._glu = gated_activation(config)
 
-        e = len(self.local_experts)
+        e = self.expert_map.num_local(state.ep_rank)
         H, Fi = config.hidden_size, config.intermediate_size
         dev, dt = state.device, config.dtype
         self.router_weight = nn.Parameter(torch.empty((config.num_experts, H), device=dev,
@@ -125,21 +132,50 @@ class ExpertParallelMoE(nn.Module):
                 dtype = config.router_dtype if name == "router_bias" else dt
                 self.register_parameter(name, nn.Parameter(torch.empty(shape, device=dev,
                                                                        dtype=dtype)))
-        # Lookup tables of the placement, [E] each; not weights, so not in state_dict.
+        # Lookup tables of the placement, [P] each (rank and row of every slot); not
+        # weights, so not in state_dict. Updated in place by rebalance().
         self.register_buffer("owner", self.expert_map.owner_tensor(dev), persistent=False)
         self.register_buffer("local_index", self.expert_map.local_index_tensor(dev),
                              persistent=False)
+        self._use_map(self.expert_map)
         self.dispatcher = make_dispatcher(config, state, self.owner, self.local_index)
         self.dispatcher.where = f"the dispatch of {name}"
         # Group-wide tokens per logical expert over the last config.load_window forwards.
         self.load = ExpertLoad(config.num_experts, config.load_window) \
             if config.load_window else None
         self.chunks = 0  # dispatch rounds over all forwards (a forward may take several)
+        self.forwards = 0  # forward calls, counted alike on every rank of the group
+        self._rebalance_due = False  # set after every rebalance_interval-th forward
+        self.last_rebalance: Rebalance | None = None
         self.peak_rows = 0  # most rows this rank received in one round (bounded by chunking)
         impl = config.expert_impl
         self.expert_impl = choose_expert_impl(dev, dt) if impl == "auto" else impl
+        if config.batch_invariant:  # fixed-size products (experts.invariant_experts)
+            self.expert_impl = "invariant"
         if seed is not None:
             self.reset_parameters(seed)
+
+    @property
+    def local_experts(self) -> tuple[int, ...]:
+        """Global ids of the experts in this rank's rows, in stacking order (an expert
+        appears twice when two of its copies share this rank)."""
+        return self._local_experts
+
+    def _use_map(self, m: ExpertMap) -> None:
+        """Switch the lookup tables to placement ``m`` (the weights must already match)."""
+        dev = self.owner.device
+        self.expert_map = m
+        self._local_experts = m.experts_on(self.state.ep_rank)
+        self.owner.copy_(m.owner_tensor(dev))  # in place: the dispatcher holds these
+        self.local_index.copy_(m.local_index_tensor(dev))
+        # Expert ids -> slot ids, unless they are the same (no copies, slot e = expert e).
+        self._replicas = None if m.identity else m.replica_tables(dev)
+
+    def _slots(self, ids_TK: Tensor) -> Tensor:
+        """The slot each choice goes to ``[T, k]`` (the ids themselves without copies)."""
+        if self._replicas is None:
+            return ids_TK
+        return choose_replicas(ids_TK, *self._replicas, offset=self.state.ep_rank)
 
     # Views of the fused gate/up tensors, by the names of the full weights.
     w_gate = property(lambda self: self.w_gate_up[:, : self.config.intermediate_size])
@@ -201,10 +237,23 @@ class ExpertParallelMoE(nn.Module):
                 t = t.index_select(0, torch.tensor(self.local_experts, device=t.device))
             getattr(self, name).copy_(t)
 
+    def rebalance(self, load_E: Tensor | None = None, num_nodes: int = 1) -> Rebalance:
+        """Re-place the experts (``epmoe.eplb.rebalance_experts``) for the tokens per expert
+        ``load_E [E]`` (default: ``self.load``'s window), moving only the rows whose expert
+        changes. A collective: every rank of the EP group calls it, between forwards, with
+        the same load. Outputs do not change (the copies hold the same weights). Returns
+        what it did on this rank (also ``self.last_rebalance``)."""
+        self.last_rebalance = rebalance_layer(self, load_E, num_nodes)
+        return self.last_rebalance
+
+    def expert_tensors(self) -> list[Tensor]:
+        """The stacked per-slot tensors ``[e, ...]``: what a rebalance moves."""
+        names = ("w_gate_up", "w_down", "b_gate_up", "b_down")
+        return [t for n in names if (t := self.weight(n)) is not None]
+
     def expert_weight_bytes(self) -> int:
         """Bytes of routed-expert weights this rank holds (replicated weights not counted)."""
-        names = ("w_gate_up", "w_down", "b_gate_up", "b_down")
-        return sum(t.numel() * t.element_size() for n in names if (t := self.weight(n)) is not None)
+        return sum(t.numel() * t.element_size() for t in self.expert_tensors())
 
     def _experts(self) -> ExpertWeights:
         return ExpertWeights(self.w_gate_up, self.w_down, self.weight("b_gate_up"),
@@ -223,6 +272,9 @@ class ExpertParallelMoE(nn.Module):
         (each dispatch tells the others whether a rank has tokens left). Bad input on
         any rank raises on every rank, at the first dispatch (:mod:`epmoe.errors`)."""
         c = self.config
+        if self._rebalance_due:  # between two forwards (after the last one's backward)
+            self._rebalance_due = False
+            self.rebalance()
         error = self._check_input(x_TH)
         if error is not None:  # join the group's first dispatch with no tokens, then raise
             x_TH = torch.empty((0, c.hidden_size), dtype=c.dtype, device=self.state.device)
@@ -244,6 +296,9 @@ class ExpertParallelMoE(nn.Module):
             s = self.state
             with self._guard("load statistics"):
                 self.load.add(all_reduce_sum(self._load_E, s.ep_group))
+        self.forwards += 1
+        if c.rebalance_interval and self.forwards % c.rebalance_interval == 0:
+            self._rebalance_due = True  # at the start of the next forward
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _chunk(self, x_TH: Tensor, error: InputError | None,
@@ -259,26 +314,27 @@ class ExpertParallelMoE(nn.Module):
             error = self._check_finite(x_TH, logits_TE, weights_TK)  # in a CUDA graph)
         if self._load_E is not None:
             self._load_E += torch.bincount(ids_TK.flatten(), minlength=c.num_experts)
+        slots_TK = self._slots(ids_TK)  # the dispatch sees slot ids from here on
         timer.lap("router")
         if c.overlap_microbatches and not self.collect_stats:
-            y_TH, more = self._two_microbatches(x_TH, weights_TK, ids_TK, error, more)
+            y_TH, more = self._two_microbatches(x_TH, weights_TK, slots_TK, error, more)
         else:
-            y_TH, more = self._one_batch(x_TH, weights_TK, ids_TK, timer, error, more)
+            y_TH, more = self._one_batch(x_TH, weights_TK, slots_TK, timer, error, more)
         if self.collect_stats:
-            self.last_stats = self._stats(x_TH, ids_TK, timer.seconds)
+            self.last_stats = self._stats(x_TH, ids_TK, slots_TK, timer.seconds)
         return y_TH, more
 
     def _guard(self, phase: str):
         s = self.state
         return guarded(s.heartbeat, f"the {phase} of {self.name}", s.ep_ranks)
 
-    def _one_batch(self, x_TH: Tensor, weights_TK: Tensor, ids_TK: Tensor,
+    def _one_batch(self, x_TH: Tensor, weights_TK: Tensor, slots_TK: Tensor,
                    timer: PhaseTimer, error: InputError | None,
                    more: bool) -> tuple[Tensor, bool]:
         c = self.config
         has_shared = c.shared_intermediate_size > 0
         with self._guard("dispatch"):
-            pending = self.dispatcher.start(x_TH, weights_TK, ids_TK, error, more)
+            pending = self.dispatcher.start(x_TH, weights_TK, slots_TK, error, more)
             shared_TH = self._shared(x_TH) if has_shared and c.overlap_shared else None
             received, handle = pending.wait()
         timer.lap("dispatch")  # with overlap_shared, includes the shared expert
@@ -287,22 +343,22 @@ class ExpertParallelMoE(nn.Module):
         timer.lap("experts")
         self._count(handle, counts, received)
         with self._guard("combine"):
-            y_TH = self.dispatcher.combine_start(partial_NH, handle).wait()
+            y_TH = self.dispatcher.combine_start(partial_NH, handle).wait().to(c.dtype)
         timer.lap("combine")
         if has_shared:
             y_TH = y_TH + (shared_TH if shared_TH is not None else self._shared(x_TH))
             timer.lap("shared")  # ~0 when overlapped: only the addition
         return y_TH, pending.more
 
-    def _two_microbatches(self, x_TH: Tensor, weights_TK: Tensor, ids_TK: Tensor,
+    def _two_microbatches(self, x_TH: Tensor, weights_TK: Tensor, slots_TK: Tensor,
                           error: InputError | None,
                           more: bool) -> tuple[Tensor, bool]:
         """Halves A and B: B's dispatch travels while A computes, A's combine while B
         computes. Every rank splits (even with 0 or 1 tokens), so collectives pair up."""
         c = self.config
         half = (x_TH.shape[0] + 1) // 2
-        parts = [(x_TH[:half], weights_TK[:half], ids_TK[:half]),
-                 (x_TH[half:], weights_TK[half:], ids_TK[half:])]
+        parts = [(x_TH[:half], weights_TK[:half], slots_TK[:half]),
+                 (x_TH[half:], weights_TK[half:], slots_TK[half:])]
         with self._guard("dispatch"):
             sent = [self.dispatcher.start(*p, error, more) for p in parts]
         combining = []
@@ -315,7 +371,7 @@ class ExpertParallelMoE(nn.Module):
             self._count(handle, counts, received)
         shared_TH = self._shared(x_TH) if c.shared_intermediate_size else None
         with self._guard("combine"):
-            y_TH = torch.cat([p.wait() for p in combining])
+            y_TH = torch.cat([p.wait() for p in combining]).to(c.dtype)
         return (y_TH if shared_TH is None else y_TH + shared_TH), sent[0].more
 
     def _compute(self, received) -> tuple[Tensor, list[int] | None]:
@@ -324,11 +380,13 @@ class ExpertParallelMoE(nn.Module):
         # something; on the CPU reading the counts is free, and the fixed path's
         # gather of every padding slot is not.
         if self.dispatcher.fixed_shapes and x_NH.device.type != "cpu" and \
-                grouped_mm_ok(self._experts()):
+                not self.config.batch_invariant and grouped_mm_ok(self._experts()):
             return local_experts_forward_fixed(x_NH, local_ids_NK, w_NK, self._experts(),
                                                self._glu, self.config.weigh_in_fp32), None
+        c = self.config
+        wide = c.partial_dtype if c.partial_dtype != c.dtype else None
         return local_experts_forward(x_NH, local_ids_NK, w_NK, self._experts(), self._glu,
-                                     self.expert_impl, self.config.weigh_in_fp32)
+                                     self.expert_impl, c.weigh_in_fp32, wide)
 
     def _count(self, handle, counts: list[int] | None, received) -> None:
         wire = self.dispatcher.wire(handle)
@@ -402,7 +460,8 @@ class ExpertParallelMoE(nn.Module):
                          f"{list(s.ep_ranks)}: {text}. Every rank must build each layer from "
                          "the same config (the same checkpoint, the same arguments).")
 
-    def _stats(self, x_TH: Tensor, ids_TK: Tensor, seconds: dict[str, float]) -> MoEStats:
+    def _stats(self, x_TH: Tensor, ids_TK: Tensor, slots_TK: Tensor,
+               seconds: dict[str, float]) -> MoEStats:
         # Only when collect_stats is on: a bincount or two and their host syncs.
         wire, counts, local_ids_NK = self._last
         E, G = self.config.num_experts, self.state.ep_size
@@ -411,7 +470,7 @@ class ExpertParallelMoE(nn.Module):
             counts = torch.bincount(local_ids_NK[local_ids_NK >= 0],
                                     minlength=len(self.local_experts)).tolist()
         hits = torch.zeros((x_TH.shape[0], G), dtype=torch.bool, device=x_TH.device)
-        hits.scatter_(1, self.owner[ids_TK], True)
+        hits.scatter_(1, self.owner[slots_TK], True)
         return MoEStats(
             tokens=x_TH.shape[0],
             tokens_per_expert=per_expert.tolist(),

@@ -36,4 +36,5 @@ def sum_rows(src_MH: Tensor, rows_M: Tensor, slots_M: Tensor, num_rows: int,
         return src_MH.new_zeros((num_rows, H)).index_add_(0, rows_M, src_MH)
     buf = src_MH.new_zeros((num_rows * num_slots, H))
     buf = buf.index_copy(0, rows_M * num_slots + slots_M, src_MH)
-    return buf.view(num_rows, num_slots, H).sum(1, dtype=torch.float32).to(src_MH.dtype)
+    acc = torch.promote_types(src_MH.dtype, torch.float32)  # (float64 stays float64)
+    return buf.view(num_rows, num_slots, H).sum(1, dtype=acc).to(src_MH.dtype)

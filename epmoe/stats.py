@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .placement import ExpertMap
+
 __all__ = ["ExpertLoad", "MoEStats", "PhaseTimer"]
 
 PHASES = ("router", "dispatch", "experts", "combine")  # and "shared" when it runs after
@@ -88,11 +90,11 @@ class ExpertLoad:
             return torch.zeros(self.num_experts, dtype=torch.int64)
         return torch.stack(list(self._counts)).sum(0)
 
-    def per_rank(self, owner_E: Tensor, ep_size: int) -> Tensor:
-        """Tokens per EP rank ``[G]`` over the window, for the placement ``owner_E``."""
-        return torch.zeros(ep_size, dtype=torch.int64).index_add_(0, owner_E.cpu(), self.total())
+    def per_rank(self, expert_map: ExpertMap) -> Tensor:
+        """Tokens per EP rank ``[G]`` (float64) over the window, placed by ``expert_map``
+        (a replicated expert's load shared evenly by its copies)."""
+        return expert_map.rank_loads(self.total())
 
-    def balancedness(self, owner_E: Tensor, ep_size: int) -> float:
+    def balancedness(self, expert_map: ExpertMap) -> float:
         """Mean over max of the tokens per rank (1.0: perfectly even; 1.0 with no tokens)."""
-        t = self.per_rank(owner_E, ep_size).double()
-        return float(t.mean() / t.max()) if float(t.max()) > 0 else 1.0
+        return expert_map.balancedness(self.total())

@@ -124,6 +124,64 @@ def test_each_rank_reads_only_its_own_experts(checkpoints, world, name):
                 assert rows is not None and set(range(*rows)) <= local, (key, rows)
 
 
+# --------------------------------------------------------------- redundant experts
+
+REDUNDANT = {"mixtral": 2, "gpt_oss": 2, "deepseek_v3": 4}  # E + R divides by 2 ranks
+
+
+def _redundant_worker(dirs: dict[str, str]) -> dict:
+    state = epmoe.init_distributed(force_cpu=True, timeout_s=60)
+    out = {}
+    for name, R in REDUNDANT.items():
+        model = from_pretrained(dirs[name], state, dtype="float32",
+                                moe_options=dict(num_redundant_experts=R, load_window=4,
+                                                 batch_invariant=True))
+        layers = model.epmoe.layers
+        loaded = [layer.local_experts for layer in layers]
+        ids, _ = rank_inputs(state.rank)
+        with model.epmoe.session(), torch.no_grad():
+            before = model(ids).logits
+        reports = model.epmoe.rebalance()
+        with model.epmoe.session(), torch.no_grad():
+            after = model(ids).logits
+        reads = [(k, rows) for k, rows in model.epmoe.reads if ".experts." in k]
+        out[name] = dict(before=before, after=after, reports=reports, reads=reads,
+                         loaded=loaded, after_local=[layer.local_experts for layer in layers])
+    return out
+
+
+def _experts_read(reads: list, layer: int) -> set[int]:
+    got: set[int] = set()
+    for key, rows in reads:
+        if f"layers.{layer}." not in key:
+            continue
+        m = re.search(r"\.experts\.(\d+)\.", key)
+        got |= {int(m.group(1))} if m else set(range(*rows))
+    return got
+
+
+def test_redundant_experts_load_from_the_checkpoint_and_rebalance(checkpoints):
+    dirs = {n: checkpoints[n] for n in REDUNDANT}
+    per_rank = run_ranks(_redundant_worker, 2, dirs, deadline_s=300)
+    for name, R in REDUNDANT.items():
+        moved = 0
+        for rank, r in enumerate(per_rank):
+            got = r[name]
+            ref_logits, _ = reference(checkpoints[name], rank)
+            assert (got["before"] - ref_logits).abs().max().item() <= 1e-4, (name, rank)
+            assert torch.equal(got["before"], got["after"]), f"{name}: rebalance changed logits"
+            first_moe = 1 if name == "deepseek_v3" else 0  # (a dense first layer)
+            for i, local in enumerate(got["loaded"]):
+                # every slot, copies included, was filled from the checkpoint: its rows read
+                assert len(local) == len(got["after_local"][i])
+                assert set(local) == _experts_read(got["reads"], first_moe + i), (name, rank, i)
+            moved += sum(rep.changed_rows for rep in got["reports"])
+        assert moved > 0, f"{name}: the rebalance moved nothing"
+        # R more slots than experts over the group: the copies, each read from the file
+        assert sum(len(r[name]["loaded"][0]) for r in per_rank) == \
+            len(set().union(*(r[name]["loaded"][0] for r in per_rank))) + R
+
+
 # --------------------------------------------------------------- bad checkpoints
 
 

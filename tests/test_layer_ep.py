@@ -78,6 +78,18 @@ CASES: dict[str, tuple[dict, list[int], str]] = {
     "chunked": (dict(num_experts=8, top_k=2, max_chunk_tokens=4), [13, 7, 0, 21], ""),
     "chunked_hot": (dict(num_experts=8, top_k=1, max_chunk_tokens=3), [16, 3, 0, 16], "hot"),
     "grad_chunked": (dict(num_experts=6, top_k=2, max_chunk_tokens=3), [7, 0, 12, 5], "grad"),
+    # redundant experts (12 slots: even on 1 to 4 ranks): each choice of a copied
+    # expert goes to one of its copies, and the outputs stay the reference's
+    "redundant": (dict(num_experts=8, top_k=2, num_redundant_experts=4), [13, 7, 0, 21], ""),
+    "redundant_hot": (dict(num_experts=8, top_k=2, num_redundant_experts=4,
+                           placement="round_robin"), [16, 3, 0, 16], "hot"),
+    "redundant_deepseek_v3": ({**DEEPSEEK_V3, "num_redundant_experts": 4}, [9, 4, 0, 14], ""),
+    "grad_redundant": (dict(num_experts=6, top_k=2, num_redundant_experts=6), [7, 0, 12, 5],
+                       "grad"),
+    "batch_invariant": (dict(num_experts=8, top_k=3, num_redundant_experts=4,
+                             batch_invariant=True), [13, 7, 0, 40], ""),
+    "grad_batch_invariant": (dict(num_experts=6, top_k=2, batch_invariant=True,
+                                  shared_intermediate_size=16), [7, 0, 12, 5], "grad"),
 }
 BACKENDS = ["alltoall", "allgather_reducescatter", "low_latency"]
 WORLDS = [1, 2, 3, 4]
@@ -184,7 +196,7 @@ def test_ep_matches_reference(world: int, backend: str, name: str):
             assert (y - ref).abs().max() <= 1e-5 * max(ref.abs().max(), 1e-6)
     assert all(r["bitwise"] for r in per_rank), "second forward differs"
     # Each rank holds exactly its placement's experts, and counted what it sent.
-    emap = epmoe.expert_map(cfg.num_experts, world, cfg.placement)
+    emap = epmoe.expert_map(cfg.num_experts, world, cfg.placement, cfg.num_redundant_experts)
     for rank, r in enumerate(per_rank):
         assert r["local"] == emap.experts_on(rank)
         s = r["stats"]
@@ -244,7 +256,12 @@ def test_ep_gradients_match_reference(world: int, backend: str, name: str):
     for n in grads:
         if n == "score_correction_bias" or (frozen and n == "router_weight"):
             continue
-        if n in EXPERT_TENSORS:  # local: each rank's slice of the reference's gradient
+        if n in EXPERT_TENSORS and cfg.num_redundant_experts:  # copies: theirs add up
+            summed = torch.zeros_like(grads[n])
+            for r in per_rank:
+                summed.index_add_(0, torch.tensor(r["local"]), r["grads"][n])
+            close(summed, grads[n], f"{n} gradient summed over copies")
+        elif n in EXPERT_TENSORS:  # local: each rank's slice of the reference's gradient
             for r in per_rank:
                 close(r["grads"][n], grads[n][list(r["local"])], f"{n} gradient")
         else:  # replicated and not yet averaged: the ranks' gradients add up

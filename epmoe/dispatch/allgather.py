@@ -48,7 +48,7 @@ class AllGatherDispatcher(Dispatcher):
         local_SK = torch.where(here_SK, self.local_index_E[ids_SK], -1)
         w_SK = torch.where(here_SK, meta_SK2[:, :k], 0.0)
         H = x_TH.shape[1]
-        handle = AllGatherHandle(sizes, self.token_bytes(H), H * x_TH.element_size())
+        handle = AllGatherHandle(sizes, self.token_bytes(H), self.partial_bytes(H))
         return Deferred(lambda: (Received(x_SH, local_SK, w_SK), handle), more)
 
     def _gather_tokens(self, x_TH: Tensor, sizes: list[int]) -> Tensor:

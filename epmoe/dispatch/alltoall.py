@@ -62,7 +62,7 @@ class AllToAllDispatcher(Dispatcher):
         meta_pending = all_to_all_v_start(meta_PK2, send, recv, group)
         H = x_TH.shape[1]
         handle = AllToAllHandle(T, min(k, G), send_token, send_slot, send, recv,
-                                self.token_bytes(H), H * x_TH.element_size())
+                                self.token_bytes(H), self.partial_bytes(H))
 
         def received():
             meta_NK2 = meta_pending.wait()

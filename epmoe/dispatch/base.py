@@ -107,6 +107,10 @@ class Dispatcher:
             return self.codec.row_bytes(H)
         return H * torch.empty((), dtype=self.config.dtype).element_size()
 
+    def partial_bytes(self, H: int) -> int:
+        """Bytes one partial-output row takes on the wire in combine."""
+        return H * torch.empty((), dtype=self.config.partial_dtype).element_size()
+
     def start(self, x_TH: Tensor, weights_TK: Tensor, ids_TK: Tensor,
               error: InputError | None = None, more: bool = False) -> Deferred:
         """Send; ``wait()`` returns ``(Received, handle)``. ``error``: this rank's input

@@ -133,7 +133,7 @@ class LowLatencyDispatcher(Dispatcher):
             settle([[int(p), int(d), 0] for p, d in heads_G2.tolist()], error,
                    self.state.ep_ranks, self.where)
         handle = LowLatencyHandle(hits_TG, pos_TG,
-                                  self.token_bytes(H) + META_BYTES * k, H * x_TH.element_size())
+                                  self.token_bytes(H) + META_BYTES * k, self.partial_bytes(H))
         return Deferred(lambda: (Received(x_R, ids_R.long(), w_R), handle))
 
     def combine_start(self, partial_RH: Tensor, handle: LowLatencyHandle) -> Deferred:
@@ -145,7 +145,8 @@ class LowLatencyDispatcher(Dispatcher):
             back_RH = back.wait()
             T, H = h.pos_TG.shape[0], back_RH.shape[1]
             rows_TGH = back_RH.index_select(0, h.pos_TG.clamp(max=R - 1).reshape(-1))
-            rows_TGH = rows_TGH.view(T, G, H).float()
+            acc = torch.promote_types(partial_RH.dtype, torch.float32)
+            rows_TGH = rows_TGH.view(T, G, H).to(acc)
             y = torch.where(h.hits_TG.unsqueeze(2), rows_TGH, 0.0).sum(1)  # fixed order
             return y.to(partial_RH.dtype)
 

@@ -64,6 +64,7 @@ def from_pretrained(
     placement: str = "linear",
     overlap_shared: bool = True,
     collect_stats: bool = False,
+    moe_options: dict | None = None,
 ):
     """Load a Hugging Face MoE model directory, expert-parallel over ``state``'s EP group.
 
@@ -79,6 +80,11 @@ def from_pretrained(
     host) raises on every rank: the ranks compare after opening the directory
     and after loading, the failing rank raising its own error and the others a
     :class:`CheckpointError` naming it.
+
+    ``moe_options``: further :class:`MoEConfig` fields for every MoE block, e.g.
+    ``dict(num_redundant_experts=8, load_window=64, all2all_backend="low_latency",
+    max_tokens_per_rank=512)``; a rank then reads from the checkpoint every expert its
+    slots hold, copies included. ``model.epmoe.rebalance()`` re-places every block.
     """
     from transformers import GenerationConfig
 
@@ -91,7 +97,8 @@ def from_pretrained(
     _agree(state, None, "opening its checkpoint")
     try:
         model, blocks = _build_and_load(path, state, hf_config, family, dtype, reader,
-                                        placement, overlap_shared, collect_stats)
+                                        placement, overlap_shared, collect_stats,
+                                        dict(moe_options or {}))
     except (ValueError, OSError) as e:
         _agree(state, e, "loading its checkpoint")
         raise
@@ -136,7 +143,7 @@ def _open(path: Path, dtype):
 
 def _build_and_load(path: Path, state: ParallelState, hf_config, family: Family, dtype,
                     reader: CheckpointReader, placement: str, overlap_shared: bool,
-                    collect_stats: bool):
+                    collect_stats: bool, moe_options: dict):
     """The model on the meta device with EP blocks (whose configs the EP group
     compares), then filled from the checkpoint: dense weights and this rank's experts."""
     from transformers import AutoModelForCausalLM
@@ -144,6 +151,14 @@ def _build_and_load(path: Path, state: ParallelState, hf_config, family: Family,
     with torch.device("meta"):  # no weight is allocated here
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     moe_cfg = moe_config_of(hf_config, dtype, placement, overlap_shared)
+    family_fields = set(family.moe_fields(hf_config)) | {"hidden_size", "top_k", "dtype"}
+    clash = sorted(set(moe_options) & family_fields)
+    if clash:
+        raise ValueError(f"moe_options cannot set {clash}: they come from {path}/config.json")
+    try:
+        moe_cfg = moe_cfg.replace(**moe_options)
+    except TypeError as e:  # an unknown field
+        raise ValueError(f"moe_options: {e}; the fields of MoEConfig are allowed") from None
     layers = model.get_decoder().layers
     blocks: dict[int, ExpertParallelMoE] = {}
     for i, layer in enumerate(layers):
