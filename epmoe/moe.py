@@ -237,13 +237,17 @@ class ExpertParallelMoE(nn.Module):
                 t = t.index_select(0, torch.tensor(self.local_experts, device=t.device))
             getattr(self, name).copy_(t)
 
-    def rebalance(self, load_E: Tensor | None = None, num_nodes: int = 1) -> Rebalance:
+    def rebalance(self, load_E: Tensor | None = None, num_nodes: int = 1,
+                  min_gain: float = 0.01) -> Rebalance:
         """Re-place the experts (``epmoe.eplb.rebalance_experts``) for the tokens per expert
         ``load_E [E]`` (default: ``self.load``'s window), moving only the rows whose expert
-        changes. A collective: every rank of the EP group calls it, between forwards, with
-        the same load. Outputs do not change (the copies hold the same weights). Returns
-        what it did on this rank (also ``self.last_rebalance``)."""
-        self.last_rebalance = rebalance_layer(self, load_E, num_nodes)
+        changes, and nothing unless the balancedness (mean / max tokens per rank) rises by
+        ``min_gain``. ``num_nodes``: hosts in the EP group (DeepSeek's hierarchical policy
+        keeps an expert group on one). A collective: every rank of the EP group calls it,
+        between forwards, with the same load. Outputs do not change (the copies hold the
+        same weights; bitwise with ``batch_invariant``). Returns what it did on this rank
+        (also ``self.last_rebalance``)."""
+        self.last_rebalance = rebalance_layer(self, load_E, num_nodes, min_gain)
         return self.last_rebalance
 
     def expert_tensors(self) -> list[Tensor]:

@@ -156,10 +156,12 @@ def new_placement(old: ExpertMap, load_E: Tensor, num_slots: int, num_groups: in
 
 
 def rebalance_layer(layer: ExpertParallelMoE, load_E: Tensor | None = None,
-                    num_nodes: int = 1) -> Rebalance:
+                    num_nodes: int = 1, min_gain: float = 0.01) -> Rebalance:
     """``layer.rebalance()``: the new placement from the load, the same on every rank
     (checked: one gather of a checksum), then :func:`move_rows`, then the switch of the
-    layer's lookup tables."""
+    layer's lookup tables. The placement is kept as it is (nothing moves) unless the new
+    one raises the balancedness for this load by at least ``min_gain``: the greedy
+    placement can reshuffle many experts for a small change of the load."""
     c, s = layer.config, layer.state
     t0 = time.perf_counter()
     E, P, G = c.num_experts, c.num_physical_experts, s.ep_size
@@ -181,6 +183,8 @@ def rebalance_layer(layer: ExpertParallelMoE, load_E: Tensor | None = None,
         raise ValueError(f"rebalance of {layer.name}: the load must be finite and >= 0")
     old = layer.expert_map
     new = new_placement(old, load_E, P, c.n_group, num_nodes)
+    if new.balancedness(load_E) < old.balancedness(load_E) + min_gain:
+        new = old  # not worth moving for
     moves = plan_moves(old, new)
     where = f"the rebalance of {layer.name}"
     with guarded(s.heartbeat, where, s.ep_ranks):

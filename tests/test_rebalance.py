@@ -147,6 +147,7 @@ def _rebalance_worker(backend: str, redundant: int, top_k: int, tokens: int,
     with torch.no_grad():
         y0 = layer(x)
         computed0 = sum(layer.last_stats.recv_per_local_expert)
+    skipped = layer.rebalance(min_gain=1.0)  # no placement gains that much: nothing moves
     report = layer.rebalance()
     with torch.no_grad():
         y1 = layer(x)
@@ -167,7 +168,8 @@ def _rebalance_worker(backend: str, redundant: int, top_k: int, tokens: int,
     # the gradient still flows, through copies and the new placement
     xg = x.clone().requires_grad_(True)
     layer(xg).square().sum().backward()
-    return dict(y0=y0, y1=y1, report=report, again=again, rows_ok=rows_ok, kept_ok=kept_ok,
+    return dict(y0=y0, y1=y1, report=report, again=again, skipped=skipped, rows_ok=rows_ok,
+                kept_ok=kept_ok,
                 same_params=same_params, local_before=local_before,
                 local_after=layer.local_experts, computed=(computed0, computed1),
                 x_grad=xg.grad, load=layer.load.total(),
@@ -215,6 +217,7 @@ def test_rebalance_keeps_outputs_bitwise_and_moves_only_changes(world, backend, 
                     if e != b and e not in r["local_before"]]
         assert rep.rows_received == len(new_here)
         assert r["again"].changed_rows == 0 and r["again"].bytes_received == 0
+        assert r["skipped"].changed_rows == 0 and r["skipped"].bytes_sent == 0
     assert sum(rep.rows_sent for rep in reports) == sum(rep.rows_received for rep in reports)
     assert reports[0].balancedness_after > reports[0].balancedness_before
     # the rows the ranks computed are more even after

@@ -97,11 +97,12 @@ class Lockstep:
                 self._finish_step()
                 self.dummy_steps += 1
 
-    def rebalance(self, num_nodes: int = 1) -> list:
+    def rebalance(self, num_nodes: int = 1, min_gain: float = 0.01) -> list:
         """Re-place the experts of every MoE layer from its own load window
         (:meth:`ExpertParallelMoE.rebalance`); a collective, between forwards, on every
         rank of the EP group. Returns each layer's :class:`~epmoe.rebalance.Rebalance`."""
-        return [layer.rebalance(num_nodes=num_nodes) for layer in self.layers]
+        return [layer.rebalance(num_nodes=num_nodes, min_gain=min_gain)
+                for layer in self.layers]
 
     @contextmanager
     def session(self) -> Iterator[None]:
