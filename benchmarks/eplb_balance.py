@@ -69,21 +69,26 @@ def build(skew: str, state, redundant: int, tokens: int):
     E, H = cfg.num_experts, cfg.hidden_size
     gen = torch.Generator().manual_seed(1)  # the same router on every rank
     with torch.no_grad():
-        layer.router_weight.copy_(torch.randn(E, H, generator=gen) * (1.28 / H**0.5))
+        w = torch.randn(E, H, generator=gen)  # rows of one norm: no expert favoured by it
+        layer.router_weight.copy_(w / w.norm(dim=1, keepdim=True) * 1.28)
         layer.router_bias.copy_(router_bias(skew, E))
     return layer
 
 
-def rows_balance(layer, x) -> tuple[float, list[int]]:
-    """Mean over max of the (token, expert) pairs each rank computed in one forward."""
+def rows_balance(layer, x) -> tuple[float, list[int], list[float]]:
+    """Mean over max of the (token, expert) pairs each rank computed in one forward, the
+    pairs, and each rank's time in its experts (ms, median of 3 forwards)."""
     layer.collect_stats = True
-    with torch.no_grad():
-        layer(x)
+    ms = []
+    for _ in range(3):
+        with torch.no_grad():
+            layer(x)
+        ms.append(1e3 * layer.last_stats.seconds["experts"])
     layer.collect_stats = False
     mine = sum(layer.last_stats.recv_per_local_expert)
-    rows = epmoe.collectives.gather_ints([mine], layer.state.device, layer.state.ep_group)
-    rows = [r[0] for r in rows]
-    return statistics.fmean(rows) / max(rows), rows
+    got = epmoe.collectives.gather_objects((mine, statistics.median(ms)), layer.state.ep_group)
+    rows = [g[0] for g in got]
+    return statistics.fmean(rows) / max(rows), rows, [g[1] for g in got]
 
 
 def timed(layer, x) -> float:
@@ -105,7 +110,7 @@ def run(tokens: int, reps: int, redundant: int) -> dict:
     x = x.bfloat16()
     out = {"ranks": G, "tokens_per_rank": tokens, "redundant": redundant, "skews": {}}
     uniform = build("uniform", state, redundant, tokens)
-    out["uniform_balancedness"] = rows_balance(uniform, x)[0]
+    out["uniform_balancedness"], _, out["uniform_experts_ms"] = rows_balance(uniform, x)
     for skew in SKEWS:
         before, after = build(skew, state, redundant, tokens), build(skew, state, redundant,
                                                                       tokens)
@@ -116,8 +121,8 @@ def run(tokens: int, reps: int, redundant: int) -> dict:
         rep = after.rebalance()
         info = epmoe.collectives.gather_objects(
             (rep.bytes_sent, rep.rows_sent, rep.seconds), state.ep_group)
-        b0, rows0 = rows_balance(before, x)
-        b1, rows1 = rows_balance(after, x)
+        b0, rows0, exp0 = rows_balance(before, x)
+        b1, rows1, exp1 = rows_balance(after, x)
         x2 = torch.randn(x.shape, generator=torch.Generator().manual_seed(200 + state.rank))
         for _ in range(4):  # other tokens of the same skew, then a second rebalance
             with torch.no_grad():
@@ -131,6 +136,7 @@ def run(tokens: int, reps: int, redundant: int) -> dict:
             "share_of_top_expert": float(load.max() / load.sum()),
             "balancedness_before": b0, "balancedness_after": b1,
             "rows_before": rows0, "rows_after": rows1,
+            "experts_ms_before": exp0, "experts_ms_after": exp1,
             "placement_estimate_before": rep.balancedness_before,
             "placement_estimate_after": rep.balancedness_after,
             "placement_estimate_no_copies": no_copies,
@@ -159,17 +165,24 @@ def run(tokens: int, reps: int, redundant: int) -> dict:
     return out
 
 
+def _per_rank(ms: list[float]) -> str:
+    return "/".join(f"{v:.0f}" for v in ms)
+
+
 def print_run(o: dict) -> None:
     print(f"{o['ranks']} ranks, {o['tokens_per_rank']} tokens per rank, 64 experts + "
           f"{o['redundant']} redundant; uniform routing: balancedness "
-          f"{o['uniform_balancedness']:.3f}")
+          f"{o['uniform_balancedness']:.3f}, experts ms per rank "
+          f"{_per_rank(o['uniform_experts_ms'])}")
     for skew, r in o["skews"].items():
         line = (f"  {skew}: top expert {100 * r['share_of_top_expert']:.1f}% of choices, "
                 f"balancedness {r['balancedness_before']:.3f} -> {r['balancedness_after']:.3f}"
                 f" (placement estimate {r['placement_estimate_before']:.3f} -> "
                 f"{r['placement_estimate_after']:.3f}); rebalance moved "
                 f"{r['rebalance_rows_moved']} experts, {r['rebalance_bytes'] / 2**20:.1f} MiB, "
-                f"{r['rebalance_ms']:.0f} ms; a second one {r['second_rows_moved']}")
+                f"{r['rebalance_ms']:.0f} ms; a second one {r['second_rows_moved']}; experts "
+                f"ms per rank {_per_rank(r['experts_ms_before'])} -> "
+                f"{_per_rank(r['experts_ms_after'])}")
         if "ms" in r:
             m = r["ms"]
             line += (f"; layer {m['before']:.1f} -> {m['after']:.1f} ms, uniform "
@@ -225,12 +238,14 @@ def markdown(runs: dict, sim: str, day: str) -> str:
     for o in (two, four):
         lines += ["", f"## {o['ranks']} ranks" + (" (times)" if o is two else
                                                     " (balance; 4 processes on 2 cores)"), "",
-                  f"Uniform routing: balancedness {o['uniform_balancedness']:.3f}.", "",
+                  f"Uniform routing: balancedness {o['uniform_balancedness']:.3f}; time in the "
+                  f"experts per rank {_per_rank(o['uniform_experts_ms'])} ms.", "",
                   "| skew | top expert's share of choices | balancedness before | after | "
                   "placement estimate before / after / without copies | rebalance: experts "
-                  "moved, MiB, ms | second rebalance: moved |"
+                  "moved, MiB, ms | second rebalance: moved | experts ms per rank before -> "
+                  "after |"
                   + (" layer ms before / after / uniform |" if o is two else ""),
-                  "| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if o is two else "")]
+                  "|" + " --- |" * (9 if o is two else 8)]
         for skew, r in o["skews"].items():
             nc = r["placement_estimate_no_copies"]
             row = (f"| {skew} | {100 * r['share_of_top_expert']:.1f}% | "
@@ -238,7 +253,8 @@ def markdown(runs: dict, sim: str, day: str) -> str:
                    f"{r['placement_estimate_before']:.3f} / {r['placement_estimate_after']:.3f}"
                    f" / {'-' if nc is None else f'{nc:.3f}'} | {r['rebalance_rows_moved']}, "
                    f"{r['rebalance_bytes'] / 2**20:.1f}, {r['rebalance_ms']:.0f} | "
-                   f"{r['second_rows_moved']} |")
+                   f"{r['second_rows_moved']} | {_per_rank(r['experts_ms_before'])} -> "
+                   f"{_per_rank(r['experts_ms_after'])} |")
             if "ms" in r:
                 m = r["ms"]
                 row += f" {m['before']:.1f} / {m['after']:.1f} / {m['uniform']:.1f} |"

@@ -117,10 +117,12 @@ class MoEConfig:
     #   expert's tokens are shared out over its copies, which hold the same weights
     rebalance_interval: int = 0  # > 0: re-place the experts from layer.load every this many
     #   forwards (needs load_window); 0: only when layer.rebalance() is called
-    batch_invariant: bool = False  # every expert product takes a fixed number of rows
-    #   (experts.INVARIANT_ROWS, zero-padded), so a token's expert outputs have the same bits
-    #   whatever else is in the batch: with top_k <= 2, outputs are then bitwise the same
-    #   after a rebalance or on another copy. Overrides expert_impl; costs the padding
+    batch_invariant: bool = False  # a token's output has the same bits whatever else is in
+    #   the batch, whichever copy serves it, before and after a rebalance (CPU): every
+    #   product (router, experts, shared expert) takes a fixed number of rows
+    #   (ops.INVARIANT_ROWS, zero-padded), and a token's weighted expert outputs are added
+    #   in a wider dtype (partial_dtype) and rounded once. Overrides expert_impl; costs
+    #   1.3-2.9x a forward (benchmarks/batch_invariant.py)
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "intermediate_size", "num_experts", "top_k", "n_group",

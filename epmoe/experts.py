@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import MoEConfig
-from .ops import sum_rows
+from .ops import sum_rows, tiled_linear
 
 __all__ = [
     "ExpertWeights",
@@ -79,11 +79,12 @@ def gated_activation(config: MoEConfig) -> GLU:
 
 
 def expert_mlp(x_MH: Tensor, w_gate_up_2FH: Tensor, w_down_HF: Tensor, glu: GLU,
-               b_gate_up: Tensor | None = None, b_down: Tensor | None = None) -> Tensor:
+               b_gate_up: Tensor | None = None, b_down: Tensor | None = None,
+               linear: Callable[..., Tensor] = F.linear) -> Tensor:
     """One gated-MLP expert: ``down(glu(gate(x), up(x)))`` -> ``[M, H]``."""
     Fi = w_down_HF.shape[1]
-    gu_M2F = F.linear(x_MH, w_gate_up_2FH, b_gate_up)
-    return F.linear(glu(gu_M2F[:, :Fi], gu_M2F[:, Fi:]), w_down_HF, b_down)
+    gu_M2F = linear(x_MH, w_gate_up_2FH, b_gate_up)
+    return linear(glu(gu_M2F[:, :Fi], gu_M2F[:, Fi:]), w_down_HF, b_down)
 
 
 # --------------------------------------------------------------------------- init
@@ -221,34 +222,17 @@ def grouped_experts(x_MH: Tensor, offs_e: Tensor, expert_M: Tensor | None,
     return y_MH
 
 
-INVARIANT_ROWS = 32  # batch_invariant: every expert product takes exactly this many rows
-
-
 def invariant_experts(x_MH: Tensor, counts: list[int], experts: ExpertWeights,
                       glu: GLU) -> Tensor:
     """:func:`run_experts` with results that depend only on each row and its expert, not on
-    the other rows in the batch (``MoEConfig.batch_invariant``).
-
-    CPU matrix libraries pick their kernel (and so the order of the additions) by the
-    number of rows: a row alone, or among 10 others, can come out a bit different from
-    the same row among 1000. Here every product takes exactly ``INVARIANT_ROWS`` rows
-    (an expert's rows in tiles, the last padded with zeros), so a row gives the same bits
-    wherever the router, a rebalance or a copy sends it. Costs the padding (at most
-    ``INVARIANT_ROWS - 1`` rows per expert) and a call per tile.
-    """
-    B = INVARIANT_ROWS
+    the other rows in the batch (``MoEConfig.batch_invariant``): every product is a
+    :func:`~epmoe.ops.tiled_linear` of fixed-size tiles. A row then gives the same bits
+    wherever the router, a rebalance or a copy sends it."""
     outs, start = [], 0
-    for i, n in enumerate(counts):
+    for i, n in enumerate(counts):  # (empty slices too, as in the loop)
         biases = [None if b is None else b[i] for b in experts[2:]]
-        x_nH = x_MH[start : start + n]
-        if n:  # pad to whole tiles; each tile is one product of exactly B rows
-            tiles = -(-n // B)
-            x_nH = torch.cat([x_nH, x_nH.new_zeros((tiles * B - n, x_nH.shape[1]))])
-            y = torch.cat([expert_mlp(x_nH[t * B : (t + 1) * B], experts.w_gate_up[i],
-                                      experts.w_down[i], glu, *biases) for t in range(tiles)])
-            outs.append(y[:n])
-        else:  # (empty, as in the loop: the same graph on every rank)
-            outs.append(expert_mlp(x_nH, experts.w_gate_up[i], experts.w_down[i], glu, *biases))
+        outs.append(expert_mlp(x_MH[start : start + n], experts.w_gate_up[i], experts.w_down[i],
+                               glu, *biases, linear=tiled_linear))
         start += n
     return torch.cat(outs)
 

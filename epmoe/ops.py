@@ -3,14 +3,39 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["capturing", "sum_rows"]
+__all__ = ["INVARIANT_ROWS", "capturing", "sum_rows", "tiled_linear"]
+
+INVARIANT_ROWS = 32  # MoEConfig.batch_invariant: every product takes exactly this many rows
 
 
 def capturing() -> bool:
     """Whether a CUDA graph is being captured now (nothing may be read on the host)."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def tiled_linear(x_MH: Tensor, w_NH: Tensor, b_N: Tensor | None = None) -> Tensor:
+    """``F.linear`` whose every row comes out with the same bits whatever the other rows.
+
+    CPU matrix libraries pick their kernel, and so the order of the additions, by the
+    number of rows: a row alone, or among 10 others, can come out a bit different from
+    the same row among 1000 (measured here for M < 16 in fp32 on one thread, up to a few
+    hundred rows on two, and in bf16). Here every product takes exactly
+    ``INVARIANT_ROWS`` rows, the last tile padded with zeros, which makes a row's result
+    depend on that row only (checked in ``tests/test_rebalance.py``). Costs a product
+    per tile (smaller products run slower on the CPU: ``benchmarks/batch_invariant.py``)
+    and the padding.
+    """
+    M, B = x_MH.shape[0], INVARIANT_ROWS
+    if M == 0:
+        return F.linear(x_MH, w_NH, b_N)
+    tiles = -(-M // B)
+    x_pad = torch.cat([x_MH, x_MH.new_zeros((tiles * B - M, x_MH.shape[1]))]) \
+        if tiles * B != M else x_MH
+    return torch.cat([F.linear(x_pad[t * B : (t + 1) * B], w_NH, b_N)
+                      for t in range(tiles)])[:M]
 
 
 def sum_rows(src_MH: Tensor, rows_M: Tensor, slots_M: Tensor, num_rows: int,

@@ -14,10 +14,13 @@ Example, 10 experts on 4 ranks::
 With ``R`` redundant experts there are ``P = E + R`` physical slots, ``P /
 ep_size`` on every rank, numbered rank by rank (rank g holds slots ``g * S ..
 (g + 1) * S - 1``, as in ``epmoe.eplb``); ``phy2log[p]`` is the expert in slot
-p. Before any load is known, the extra slots take experts ``0, 1, ...`` again.
-Example, 6 experts and 2 redundant on 2 ranks, linear::
+p. Before any load is known, each rank holds the experts of the layout above,
+and its free slots take copies of the experts of the rank before it (those with
+the fewest copies first), so that under uniform routing the ranks do the same
+work (a copy takes half its expert's tokens). Example, 8 experts and 4 redundant
+on 4 ranks, linear::
 
-    rank 0: slots 0-3 hold 0 1 2 3     rank 1: slots 4-7 hold 4 5 0 1
+    rank 0: 0 1 6   rank 1: 2 3 0   rank 2: 4 5 2   rank 3: 6 7 4
 
 A token that chooses a replicated expert goes to one of its copies
 (:func:`choose_replicas`): the n-th choice of that expert on a rank goes to copy
@@ -136,12 +139,9 @@ def expert_map(num_experts: int, ep_size: int, placement: str = "linear",
         if P % G:
             raise ValueError(f"{E} experts + {num_redundant} redundant = {P} slots do not "
                              f"divide evenly over {G} ranks")
-        S = P // G
-        if placement == "linear":  # slot p: the p-th of 0 .. E-1, 0 .. R-1
-            phy2log = [p % E for p in range(P)]
-        else:  # round_robin: rank g's j-th slot is position j * G + g of the same sequence
-            phy2log = [((p % S) * G + p // S) % E for p in range(P)]
-        return map_of_slots(E, G, phy2log)
+        base = expert_map(E, G, placement)
+        held = [list(base.experts_on(g)) for g in range(G)]
+        return map_of_slots(E, G, _with_copies(held, P // G))
     if placement == "linear":
         base, extra = divmod(E, G)
         owner: list[int] = []
@@ -152,6 +152,25 @@ def expert_map(num_experts: int, ep_size: int, placement: str = "linear",
         owner = [e % G for e in range(E)]
         local = [e // G for e in range(E)]
     return ExpertMap(E, G, tuple(range(E)), tuple(owner), tuple(local))
+
+
+def _with_copies(held: list[list[int]], slots: int) -> list[int]:
+    """``phy2log`` of the rank-by-rank layout ``held`` whose free slots (up to ``slots`` per
+    rank) take copies: each the expert with the fewest copies so far among those of the
+    rank before (then the ranks before that), not yet on this rank."""
+    G = len(held)
+    copies = {e: 1 for h in held for e in h}
+    out = []
+    for g in range(G):
+        mine = list(held[g])
+        donors = [e for d in range(1, G + 1) for e in held[(g - d) % G]]
+        for _ in range(slots - len(held[g])):
+            fresh = [e for e in donors if e not in mine] or donors  # (one rank: its own)
+            e = min(fresh, key=lambda x: copies[x])  # ties: the earliest donor
+            copies[e] += 1
+            mine.append(e)
+        out += mine
+    return out
 
 
 def map_of_slots(num_experts: int, ep_size: int, phy2log: list[int] | tuple[int, ...] | Tensor

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import MoEConfig
+from .ops import tiled_linear
 
 __all__ = ["route"]
 
@@ -50,7 +51,8 @@ def route(
     if c.router_fp32:
         x_TH, router_weight_EH = x_TH.float(), router_weight_EH.float()
         router_bias_E = None if router_bias_E is None else router_bias_E.float()
-    logits_TE = F.linear(x_TH, router_weight_EH, router_bias_E)
+    linear = tiled_linear if c.batch_invariant else F.linear  # (see ops.tiled_linear)
+    logits_TE = linear(x_TH, router_weight_EH, router_bias_E)
     if c.scoring == "softmax":
         scores_TE = torch.softmax(logits_TE.float(), dim=-1)
     else:  # "sigmoid": independent per-expert gates

@@ -18,13 +18,22 @@ from epmoe.rebalance import Move, new_placement, plan_moves
 
 
 def test_redundant_maps_by_hand():
+    # each rank's free slots take copies of the previous rank's experts
     m = expert_map(6, 2, "linear", num_redundant=2)
-    assert m.phy2log == (0, 1, 2, 3, 4, 5, 0, 1)
-    assert m.experts_on(0) == (0, 1, 2, 3) and m.experts_on(1) == (4, 5, 0, 1)
+    assert m.phy2log == (0, 1, 2, 3, 3, 4, 5, 0)
+    assert m.experts_on(0) == (0, 1, 2, 3) and m.experts_on(1) == (3, 4, 5, 0)
     assert m.owner == (0, 0, 0, 0, 1, 1, 1, 1) and m.local_index == (0, 1, 2, 3) * 2
-    assert m.copies() == (2, 2, 1, 1, 1, 1) and m.log2phy()[1] == (1, 7)
+    assert m.copies() == (2, 1, 1, 2, 1, 1) and m.log2phy()[3] == (3, 4)
     rr = expert_map(6, 2, "round_robin", num_redundant=2)
-    assert rr.experts_on(0) == (0, 2, 4, 0) and rr.experts_on(1) == (1, 3, 5, 1)
+    assert rr.experts_on(0) == (0, 2, 4, 1) and rr.experts_on(1) == (1, 3, 5, 0)
+    m4 = expert_map(8, 4, "linear", num_redundant=4)
+    assert [m4.experts_on(g) for g in range(4)] == [(0, 1, 6), (2, 3, 0), (4, 5, 2), (6, 7, 4)]
+    # uneven: copies go to the experts with the fewest so far, every expert twice here
+    m6 = expert_map(6, 4, "linear", num_redundant=6)
+    assert [m6.experts_on(g) for g in range(4)] == [(0, 1, 5), (2, 3, 0), (4, 2, 3), (5, 4, 1)]
+    for emap, E in ((m, 6), (rr, 6), (m4, 8), (m6, 6),
+                    (expert_map(64, 4, num_redundant=8), 64)):  # uniform routing: even
+        assert emap.balancedness(torch.ones(E)) == 1.0
     assert not m.identity and expert_map(6, 2).identity
     # no copies: the old layouts, slot ids are expert ids
     assert expert_map(10, 4, "round_robin").experts_on(1) == (1, 5, 9)
@@ -74,7 +83,7 @@ def test_plan_moves_by_hand():
 
 
 def test_new_placement_keeps_rows_and_balances():
-    old = expert_map(8, 2, "linear", num_redundant=2)  # 0..4 | 5 6 7 0 1
+    old = expert_map(8, 2, "linear", num_redundant=2)  # 0 1 2 3 4 | 4 5 6 7 0
     load = torch.tensor([50.0, 1, 1, 1, 1, 1, 1, 30])
     new = new_placement(old, load, 10)
     assert new.copies()[0] >= 2 and new.balancedness(load) > old.balancedness(load)
@@ -298,3 +307,23 @@ def test_batch_invariant_rows_do_not_depend_on_their_batch():
     assert torch.equal(second, crowd[200:203])
     loop = run_experts(x, [200, 100], experts, glu, "loop")
     assert torch.allclose(crowd, loop, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_batch_invariant_layer_gives_a_token_the_same_bits_alone(family, dtype):
+    extra = dict(top_k=2) if family == "mixtral" else dict(
+        top_k=3, scoring="sigmoid", score_correction_bias=True, n_group=4, topk_group=2,
+        routed_scaling_factor=2.5, router_fp32=True, shared_intermediate_size=96)
+    cfg = epmoe.MoEConfig(hidden_size=64, intermediate_size=704, num_experts=8, dtype=dtype,
+                          batch_invariant=True, **extra)
+    layer = epmoe.ExpertParallelMoE(cfg, epmoe.single_process_state("cpu"), seed=4)
+    x = torch.randn(200, 64, generator=torch.Generator().manual_seed(2)).to(cfg.dtype)
+    with torch.no_grad():
+        y = layer(x)
+        for i in (0, 7, 199):
+            assert torch.equal(layer(x[i : i + 1])[0], y[i]), i
+        assert torch.equal(layer(x[50:90]), y[50:90])
+    result = epmoe.compare_to_reference(y, x, *epmoe.full_weights(cfg, seed=4), config=cfg,
+                                        **epmoe.full_optional_weights(cfg, seed=4))
+    assert result.ok, str(result)
