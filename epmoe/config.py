@@ -118,11 +118,11 @@ class MoEConfig:
     rebalance_interval: int = 0  # > 0: re-place the experts from layer.load every this many
     #   forwards (needs load_window); 0: only when layer.rebalance() is called
     batch_invariant: bool = False  # a token's output has the same bits whatever else is in
-    #   the batch, whichever copy serves it, before and after a rebalance (CPU): every
-    #   product (router, experts, shared expert) takes a fixed number of rows
-    #   (ops.INVARIANT_ROWS, zero-padded), and a token's weighted expert outputs are added
-    #   in a wider dtype (partial_dtype) and rounded once. Overrides expert_impl; costs
-    #   1.3-2.9x a forward (benchmarks/batch_invariant.py)
+    #   the batch, whichever copy serves it, before and after a rebalance (CPU): router,
+    #   experts and shared expert run on fixed tiles of ops.INVARIANT_ROWS tokens (zero-
+    #   padded, ops.by_tiles), and a token's weighted expert outputs are added in a wider
+    #   dtype (partial_dtype) and rounded once. Overrides expert_impl; costs 1.3-2.9x a
+    #   forward (benchmarks/batch_invariant.py)
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "intermediate_size", "num_experts", "top_k", "n_group",

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import MoEConfig
-from .ops import sum_rows, tiled_linear
+from .ops import by_tiles, sum_rows
 
 __all__ = [
     "ExpertWeights",
@@ -79,12 +79,11 @@ def gated_activation(config: MoEConfig) -> GLU:
 
 
 def expert_mlp(x_MH: Tensor, w_gate_up_2FH: Tensor, w_down_HF: Tensor, glu: GLU,
-               b_gate_up: Tensor | None = None, b_down: Tensor | None = None,
-               linear: Callable[..., Tensor] = F.linear) -> Tensor:
+               b_gate_up: Tensor | None = None, b_down: Tensor | None = None) -> Tensor:
     """One gated-MLP expert: ``down(glu(gate(x), up(x)))`` -> ``[M, H]``."""
     Fi = w_down_HF.shape[1]
-    gu_M2F = linear(x_MH, w_gate_up_2FH, b_gate_up)
-    return linear(glu(gu_M2F[:, :Fi], gu_M2F[:, Fi:]), w_down_HF, b_down)
+    gu_M2F = F.linear(x_MH, w_gate_up_2FH, b_gate_up)
+    return F.linear(glu(gu_M2F[:, :Fi], gu_M2F[:, Fi:]), w_down_HF, b_down)
 
 
 # --------------------------------------------------------------------------- init
@@ -225,14 +224,15 @@ def grouped_experts(x_MH: Tensor, offs_e: Tensor, expert_M: Tensor | None,
 def invariant_experts(x_MH: Tensor, counts: list[int], experts: ExpertWeights,
                       glu: GLU) -> Tensor:
     """:func:`run_experts` with results that depend only on each row and its expert, not on
-    the other rows in the batch (``MoEConfig.batch_invariant``): every product is a
-    :func:`~epmoe.ops.tiled_linear` of fixed-size tiles. A row then gives the same bits
+    the other rows in the batch (``MoEConfig.batch_invariant``): each expert's MLP runs
+    on fixed-size tiles (:func:`~epmoe.ops.by_tiles`). A row then gives the same bits
     wherever the router, a rebalance or a copy sends it."""
     outs, start = [], 0
     for i, n in enumerate(counts):  # (empty slices too, as in the loop)
         biases = [None if b is None else b[i] for b in experts[2:]]
-        outs.append(expert_mlp(x_MH[start : start + n], experts.w_gate_up[i], experts.w_down[i],
-                               glu, *biases, linear=tiled_linear))
+        w_gu, w_d = experts.w_gate_up[i], experts.w_down[i]
+        outs.append(by_tiles(lambda t, w_gu=w_gu, w_d=w_d, biases=biases:
+                             expert_mlp(t, w_gu, w_d, glu, *biases), x_MH[start : start + n]))
         start += n
     return torch.cat(outs)
 

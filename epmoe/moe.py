@@ -41,7 +41,7 @@ from .experts import (
     local_experts_forward_fixed,
 )
 from .health import guarded
-from .ops import capturing, tiled_linear
+from .ops import by_tiles, capturing
 from .parallel_state import ParallelState
 from .placement import ExpertMap, choose_replicas, expert_map
 from .rebalance import Rebalance, rebalance_layer
@@ -264,11 +264,15 @@ class ExpertParallelMoE(nn.Module):
                              self.weight("b_down"))
 
     def _shared(self, x_TH: Tensor) -> Tensor:
-        linear = tiled_linear if self.config.batch_invariant else F.linear
-        g, u = linear(x_TH, self.shared_gate), linear(x_TH, self.shared_up)
-        y_TH = linear(self._glu(g, u), self.shared_down)
+        if self.config.batch_invariant:  # in fixed tiles of tokens (ops.by_tiles)
+            return by_tiles(self._shared_mlp, x_TH)
+        return self._shared_mlp(x_TH)
+
+    def _shared_mlp(self, x_TH: Tensor) -> Tensor:
+        g, u = F.linear(x_TH, self.shared_gate), F.linear(x_TH, self.shared_up)
+        y_TH = F.linear(self._glu(g, u), self.shared_down)
         if self.config.shared_expert_gate:  # Qwen2-MoE: a sigmoid gate per token
-            y_TH = torch.sigmoid(linear(x_TH, self.shared_expert_gate)) * y_TH
+            y_TH = torch.sigmoid(F.linear(x_TH, self.shared_expert_gate)) * y_TH
         return y_TH
 
     def forward(self, x_TH: Tensor) -> Tensor:

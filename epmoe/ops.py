@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["INVARIANT_ROWS", "capturing", "sum_rows", "tiled_linear"]
+__all__ = ["INVARIANT_ROWS", "by_tiles", "capturing", "sum_rows"]
 
 INVARIANT_ROWS = 32  # MoEConfig.batch_invariant: every product takes exactly this many rows
 
@@ -16,26 +17,31 @@ def capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def tiled_linear(x_MH: Tensor, w_NH: Tensor, b_N: Tensor | None = None) -> Tensor:
-    """``F.linear`` whose every row comes out with the same bits whatever the other rows.
+def by_tiles(fn: Callable[[Tensor], Tensor | tuple[Tensor, ...]], x_MH: Tensor):
+    """``fn(x)`` computed on fixed tiles of ``INVARIANT_ROWS`` rows (the last padded with
+    zeros), the results (a tensor or a tuple of them, rows first) cut back to ``M`` rows:
+    every row's result then has the same bits whatever the other rows
+    (``MoEConfig.batch_invariant``).
 
-    CPU matrix libraries pick their kernel, and so the order of the additions, by the
-    number of rows: a row alone, or among 10 others, can come out a bit different from
-    the same row among 1000 (measured here for M < 16 in fp32 on one thread, up to a few
-    hundred rows on two, and in bf16). Here every product takes exactly
-    ``INVARIANT_ROWS`` rows, the last tile padded with zeros, which makes a row's result
-    depend on that row only (checked in ``tests/test_rebalance.py``). Costs a product
-    per tile (smaller products run slower on the CPU: ``benchmarks/batch_invariant.py``)
-    and the padding.
+    Why: CPU matrix libraries pick their kernel, and so the order of the additions, by
+    the number of rows: a row alone, or among 10 others, can come out a bit different
+    from the same row among 1000 (measured here for M < 16 in fp32 on one thread, up to
+    a few hundred rows on two, and in bf16); and vectorised exp, sigmoid or silu can
+    give a last element that the vector loop leaves over other bits than the others.
+    With every call on the same shape, a row's result depends on that row only
+    (checked in ``tests/test_rebalance.py``). Costs a call per tile (smaller products
+    run slower on the CPU: ``benchmarks/batch_invariant.py``) and the padding.
     """
     M, B = x_MH.shape[0], INVARIANT_ROWS
     if M == 0:
-        return F.linear(x_MH, w_NH, b_N)
+        return fn(x_MH)
     tiles = -(-M // B)
-    x_pad = torch.cat([x_MH, x_MH.new_zeros((tiles * B - M, x_MH.shape[1]))]) \
-        if tiles * B != M else x_MH
-    return torch.cat([F.linear(x_pad[t * B : (t + 1) * B], w_NH, b_N)
-                      for t in range(tiles)])[:M]
+    if tiles * B != M:
+        x_MH = torch.cat([x_MH, x_MH.new_zeros((tiles * B - M, *x_MH.shape[1:]))])
+    outs = [fn(x_MH[t * B : (t + 1) * B]) for t in range(tiles)]
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat(parts)[:M] for parts in zip(*outs, strict=True))
+    return torch.cat(outs)[:M]
 
 
 def sum_rows(src_MH: Tensor, rows_M: Tensor, slots_M: Tensor, num_rows: int,

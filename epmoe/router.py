@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import MoEConfig
-from .ops import tiled_linear
+from .ops import by_tiles
 
 __all__ = ["route"]
 
@@ -45,14 +45,24 @@ def route(
 
     Logits are computed in ``config.router_dtype`` (the tokens' dtype, as an
     ``nn.Linear`` router in a Hugging Face model, or fp32); scores, top-k and
-    weights run in fp32.
+    weights run in fp32. With ``config.batch_invariant``, in fixed tiles of tokens
+    (``ops.by_tiles``): a token's choice then has the same bits whatever the others.
     """
+    if config.batch_invariant:
+        return by_tiles(lambda t: _route(t, router_weight_EH, config, router_bias_E,
+                                         score_correction_bias_E, return_logits), x_TH)
+    return _route(x_TH, router_weight_EH, config, router_bias_E, score_correction_bias_E,
+                  return_logits)
+
+
+def _route(x_TH: Tensor, router_weight_EH: Tensor, config: MoEConfig,
+           router_bias_E: Tensor | None, score_correction_bias_E: Tensor | None,
+           return_logits: bool) -> tuple[Tensor, ...]:
     c = config
     if c.router_fp32:
         x_TH, router_weight_EH = x_TH.float(), router_weight_EH.float()
         router_bias_E = None if router_bias_E is None else router_bias_E.float()
-    linear = tiled_linear if c.batch_invariant else F.linear  # (see ops.tiled_linear)
-    logits_TE = linear(x_TH, router_weight_EH, router_bias_E)
+    logits_TE = F.linear(x_TH, router_weight_EH, router_bias_E)
     if c.scoring == "softmax":
         scores_TE = torch.softmax(logits_TE.float(), dim=-1)
     else:  # "sigmoid": independent per-expert gates
