@@ -103,6 +103,7 @@ def main(quick: bool = False) -> None:
         out = sh(torchrun("benchmarks/shared_overlap.py", "--reps", "31"))
         out += sh(torchrun("benchmarks/shared_overlap.py", "--reps", "31", "--tokens", "256"))
         raw["shared_overlap"] = out
+        sh([sys.executable, "benchmarks/eplb_balance.py", "--report"])  # writes EPLB.md
     (RESULTS / f"all_{day}.json").write_text(json.dumps(raw, indent=1) + "\n")
     (HERE / "RESULTS.md").write_text(report(raw, png.name))
     print(f"wrote {HERE / 'RESULTS.md'}")
@@ -264,6 +265,8 @@ def report(raw: dict, png: str) -> str:
         "ratios measured in the same run are compared. The floor is the expert matrix "
         "products alone (gate/up and down, no activation) on the same rows per expert, "
         "whichever of a loop and grouped_mm is faster; efficiency = floor / layer time.",
+        "", "Load balancing (redundant experts, rebalancing, `batch_invariant`) has its own "
+        "report: [EPLB.md](EPLB.md), written by `benchmarks/eplb_balance.py --report`.",
         "", "## Targets (Mixtral-like, bf16)", "", *targets(raw),
         "", "## Beside the peers (Mixtral-like, bf16, `benchmarks/compare.py`)",
         *compare_tables(raw), *profile_tables(raw),

@@ -121,7 +121,7 @@ class MoEConfig:
     #   the batch, whichever copy serves it, before and after a rebalance (CPU): router,
     #   experts and shared expert run on fixed tiles of ops.INVARIANT_ROWS tokens (zero-
     #   padded, ops.by_tiles), and a token's weighted expert outputs are added in a wider
-    #   dtype (partial_dtype) and rounded once. Overrides expert_impl; costs 1.3-2.9x a
+    #   dtype (partial_dtype) and rounded once. Overrides expert_impl; costs 1.3-3.0x a
     #   forward (benchmarks/batch_invariant.py)
 
     def __post_init__(self) -> None:
