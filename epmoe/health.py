@@ -22,17 +22,19 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
 import threading
 import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NoReturn
 
 import torch.distributed as dist
 
 from .errors import RankFailure
 
-__all__ = ["Heartbeat", "guarded", "is_comm_error"]
+__all__ = ["Heartbeat", "exit_after_failure", "guarded", "is_comm_error"]
 
 PREFIX = "epmoe/heartbeat"
 OUTSIDE = "outside epmoe's layers (its own code)"
@@ -191,3 +193,14 @@ def guarded(heartbeat: Heartbeat | None, where: str, ranks: tuple[int, ...]) -> 
         raise heartbeat.failure(where, e, ranks) from e
     finally:
         heartbeat.where = before
+
+
+def exit_after_failure(code: int) -> NoReturn:
+    """End the process at once with ``code``, after flushing stdout and stderr.
+
+    Once a peer or the store is gone, the process group cannot be shut down cleanly:
+    its destructors, run at interpreter exit, sometimes abort (SIGABRT, exit code -6)
+    instead of letting the process end with the code it chose. Skip them."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -10,6 +10,7 @@ import importlib
 import sys
 
 from ..errors import RankFailure
+from ..health import exit_after_failure
 
 COMMANDS = {
     "generate": "greedy generation from a Hugging Face MoE checkpoint, expert-parallel",
@@ -36,5 +37,5 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except RankFailure as e:  # another rank died, stalled or became unreachable
         print(f"python -m epmoe {args.command}: {e}", file=sys.stderr)
-        sys.exit(3)
+        exit_after_failure(3)  # (not sys.exit: the broken process group may abort at exit)
     sys.exit(code or 0)
