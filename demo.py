@@ -4,11 +4,14 @@
     torchrun --nproc_per_node=2 demo.py --force-cpu  # CPU (gloo) even with GPUs
     torchrun --nproc_per_node=4 demo.py --experts 10 --top-k 3 --dtype bfloat16
     python demo.py                                   # one process: EP=1
+    torchrun --nproc_per_node=2 demo.py --compare    # then EP beside TP, measured
 
 Every rank routes its own tokens, sends them to the ranks that hold their
 experts, computes its local experts and sends the results back. Rank 0 prints
 what all ranks saw, then checks the EP output against ``epmoe.reference_moe``
-on all ranks' tokens and prints PASS or FAIL (exit code 1 on FAIL).
+on all ranks' tokens and prints PASS or FAIL (exit code 1 on FAIL). With
+``--compare`` it then runs the same layer tensor-parallel too and prints the
+EP-vs-TP table (``epmoe.tp_compare``) for prefill and decode batches.
 """
 
 from __future__ import annotations
@@ -52,15 +55,26 @@ def main(
     seed: int = 0,
     show_tokens: int = 4,
     force_cpu: bool = False,
+    compare: bool = False,
+    prefill_tokens: int = 512,
+    decode_tokens: int = 8,
+    reps: int = 9,
 ) -> bool:
     """Run the demo; True when the EP output matches the reference. Bad options raise ValueError."""
     cfg = epmoe.MoEConfig(hidden_size=hidden, intermediate_size=intermediate, num_experts=experts,
                           top_k=top_k, dtype=dtype, placement=placement)
     if tokens < 0 or show_tokens < 0:
         raise ValueError(f"--tokens and --show-tokens must be >= 0, got {tokens}, {show_tokens}")
+    if compare and min(prefill_tokens, decode_tokens, reps) < 1:
+        raise ValueError("--prefill-tokens, --decode-tokens and --reps must be >= 1")
+    if compare and intermediate < 1:
+        raise ValueError("--intermediate must be >= 1")
     state = epmoe.init_distributed(force_cpu=force_cpu)
     try:
-        return _run(state, cfg, tokens, seed, show_tokens)
+        ok = _run(state, cfg, tokens, seed, show_tokens)
+        if compare:
+            _compare(state, cfg, prefill_tokens, decode_tokens, reps, seed)
+        return ok
     finally:
         epmoe.destroy_distributed()
 
@@ -156,6 +170,25 @@ def _run(state: epmoe.ParallelState, cfg: epmoe.MoEConfig, tokens: int, seed: in
     return verdict[0]
 
 
+def _compare(state: epmoe.ParallelState, cfg: epmoe.MoEConfig, prefill: int, decode: int,
+             reps: int, seed: int) -> None:
+    from epmoe.tp_compare import compare, text_table
+
+    sizes = {f"prefill {prefill}/rank": prefill, f"decode {decode}/rank": decode}
+    cfg.replace(parallelism="tensor").check_ep_size(state.ep_size)
+    results = compare(state, cfg, sizes, reps=reps, seed=seed)
+    print0(state, f"\nEP beside TP on the same tokens ({state.ep_size} rank(s); the same "
+                  "layer and weights; TP, replicated: every rank passes the whole batch):")
+    print0(state, text_table(results, sizes))
+    print0(state, "    bytes: tokens, routing and results a rank sends (headers aside); ms: "
+                  f"median of {reps} interleaved forwards, the slower rank; error: max abs "
+                  "against reference_moe on the whole batch (check: compare_to_reference)."
+                  "\n    Collectives as "
+                  "counted in one forward: the first all-gather or all-to-all carries sizes "
+                  "and error headers;\n    TP's reduce-scatter runs as an all-to-all and a "
+                  "local sum (gloo has no uneven reduce-scatter).")
+
+
 def check(cfg: epmoe.MoEConfig, x, y, weights, splits: list[int] | None = None) -> bool:
     result = epmoe.compare_to_reference(y, x, *weights, cfg, splits=splits)
     print(f"\nCheck: EP output vs reference_moe on all {x.shape[0]} tokens of the EP group: "
@@ -177,6 +210,13 @@ if __name__ == "__main__":
     p.add_argument("--show-tokens", type=int, default=4, help="tokens per rank in the routing "
                                                               "table (default 4)")
     p.add_argument("--force-cpu", action="store_true", help="use CPU and gloo even with GPUs")
+    p.add_argument("--compare", action="store_true",
+                   help="then run the layer tensor-parallel too and print EP beside TP")
+    p.add_argument("--prefill-tokens", type=int, default=512,
+                   help="--compare: tokens per rank of the prefill batch (default 512)")
+    p.add_argument("--decode-tokens", type=int, default=8,
+                   help="--compare: tokens per rank of the decode batch (default 8)")
+    p.add_argument("--reps", type=int, default=9, help="--compare: timed forwards (default 9)")
     try:
         ok = main(**vars(p.parse_args()))
     except ValueError as e:  # a bad option: say which, without a traceback

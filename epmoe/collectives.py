@@ -19,6 +19,8 @@ __all__ = [
     "all_gather_known",
     "all_gather_v",
     "all_reduce_sum",
+    "copy_to_group",
+    "sum_over_group",
     "all_to_all_v",
     "all_to_all_v_start",
     "exchange_counts",
@@ -235,3 +237,48 @@ def all_gather_v(x: Tensor, group: dist.ProcessGroup | None) -> tuple[Tensor, li
     """
     sizes = gather_sizes(x.shape[0], x.device, group)  # NOTE: host sync (sizes the buffers)
     return all_gather_known(x, sizes, group), sizes
+
+
+class _SumOverGroup(torch.autograd.Function):
+    """Forward: the sum over the group (one all-reduce); backward: the identity, since
+    every rank holds the same downstream computation and so the same gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        wide = x.to(torch.promote_types(x.dtype, torch.float32))  # (bf16 sums in fp32)
+        wide = wide.clone() if wide is x else wide
+        dist.all_reduce(wide, group=group)
+        return wide.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+class _CopyToGroup(torch.autograd.Function):
+    """Forward: the identity; backward: the sum over the group of the gradients (each
+    rank's part of the input's use)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _SumOverGroup.apply(grad.contiguous(), ctx.group), None
+
+
+def sum_over_group(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    """Megatron's "g": the all-reduced sum of every rank's partial ``x`` (tensor
+    parallelism with the same tokens on every rank); backward is the identity."""
+    if _group_size(group) == 1:
+        return x
+    return _SumOverGroup.apply(x, group)
+
+
+def copy_to_group(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    """Megatron's "f": ``x`` as it is, whose gradient is summed over the group in backward."""
+    if _group_size(group) == 1:
+        return x
+    return _CopyToGroup.apply(x, group)

@@ -23,6 +23,8 @@ BACKENDS = ("alltoall", "allgather_reducescatter", "low_latency")
 EXPERT_IMPLS = ("auto", "loop", "grouped_mm")
 DISPATCH_DTYPES = (None, "bfloat16", "float8_e4m3")
 NONFINITE = ("raise", "propagate")
+PARALLELISMS = ("expert", "tensor")
+TP_TOKENS = ("own", "replicated")
 
 # Names accepted for `dtype`, besides a torch.dtype itself.
 _DTYPES = {
@@ -65,6 +67,12 @@ class MoEConfig:
     activation: str = "silu"  # "silu": SwiGLU; "gelu": gated exact GELU; "clamped_swiglu": GPT-OSS
     dtype: torch.dtype = torch.float32  # weights, tokens and outputs; a name is accepted too
     placement: str = "linear"  # experts to ranks: "linear" (contiguous blocks) or "round_robin"
+    parallelism: str = "expert"  # "expert": each rank holds whole experts and tokens travel
+    #   to them (EP); "tensor": each rank holds a slice of every expert (gate and up rows,
+    #   down columns: F split over the group) and computes every expert (Megatron's TP)
+    tp_tokens: str = "own"  # parallelism="tensor": "own": each rank passes its own tokens
+    #   (gathered over the group, the partial outputs reduce-scattered back); "replicated":
+    #   every rank passes the same tokens, the partial outputs summed by one all-reduce
 
     # --- routers of the model families ---
     router_bias: bool = False  # logits = x W^T + b (GPT-OSS)
@@ -151,6 +159,18 @@ class MoEConfig:
         _check_choice("expert_impl", self.expert_impl, EXPERT_IMPLS)
         _check_choice("dispatch_dtype", self.dispatch_dtype, DISPATCH_DTYPES)
         _check_choice("nonfinite", self.nonfinite, NONFINITE)
+        _check_choice("parallelism", self.parallelism, PARALLELISMS)
+        _check_choice("tp_tokens", self.tp_tokens, TP_TOKENS)
+        if self.parallelism == "tensor":
+            used = [n for n in ("num_redundant_experts", "rebalance_interval", "load_window")
+                    if getattr(self, n)]
+            if self.all2all_backend == "low_latency":
+                used.append("all2all_backend='low_latency'")
+            if used:
+                raise ValueError(
+                    "MoEConfig.parallelism='tensor' holds a slice of every expert on every "
+                    "rank: expert placement, load balancing and the low_latency backend do "
+                    f"not apply; unset {used}")
         if self.all2all_backend == "low_latency" and self.max_tokens_per_rank < 1:
             raise ValueError("MoEConfig.all2all_backend='low_latency' needs max_tokens_per_rank "
                              ">= 1: its buffers hold that many tokens per rank pair")
@@ -212,7 +232,14 @@ class MoEConfig:
 
     def check_ep_size(self, ep_size: int) -> None:
         """Every rank of an EP group holds at least one expert; with redundant experts or
-        rebalancing, every rank holds the same number of slots."""
+        rebalancing, every rank holds the same number of slots. With tensor parallelism
+        (the group is then the TP group) every rank holds a slice of F."""
+        if self.parallelism == "tensor":
+            if self.intermediate_size < ep_size:
+                raise ValueError(f"MoEConfig.intermediate_size={self.intermediate_size} must be "
+                                 f">= the {ep_size} ranks of the group with parallelism="
+                                 "'tensor': each rank holds a slice of every expert's F")
+            return
         if self.num_experts < ep_size:
             raise ValueError(
                 f"MoEConfig.num_experts={self.num_experts} must be >= ep_size={ep_size}: "

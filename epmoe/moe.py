@@ -43,7 +43,7 @@ from .experts import (
 from .health import guarded
 from .ops import by_tiles, capturing
 from .parallel_state import ParallelState
-from .placement import ExpertMap, choose_replicas, expert_map
+from .placement import ExpertMap, choose_replicas, expert_map, f_slices, tensor_parallel_map
 from .rebalance import Rebalance, rebalance_layer
 from .router import route
 from .stats import ExpertLoad, MoEStats, PhaseTimer
@@ -109,12 +109,19 @@ class ExpertParallelMoE(nn.Module):
         # Token rows put on the wire to each EP rank over all forwards (the entry for
         # self stays local). Free to keep: the split sizes are host ints anyway.
         self.rows_sent: list[int] = [0] * state.ep_size
-        self.expert_map = expert_map(config.num_experts, state.ep_size, config.placement,
-                                     config.num_redundant_experts)
+        self.tensor_parallel = config.parallelism == "tensor"
+        if self.tensor_parallel:  # every expert here, columns f_slice of its F
+            self.expert_map = tensor_parallel_map(config.num_experts, state.ep_size,
+                                                  state.ep_rank)
+            self.f_slice = f_slices(config.intermediate_size, state.ep_size)[state.ep_rank]
+        else:
+            self.expert_map = expert_map(config.num_experts, state.ep_size, config.placement,
+                                         config.num_redundant_experts)
+            self.f_slice = (0, config.intermediate_size)
         self._glu = gated_activation(config)
 
         e = self.expert_map.num_local(state.ep_rank)
-        H, Fi = config.hidden_size, config.intermediate_size
+        H, Fi = config.hidden_size, self.f_slice[1] - self.f_slice[0]  # (F here)
         dev, dt = state.device, config.dtype
         self.router_weight = nn.Parameter(torch.empty((config.num_experts, H), device=dev,
                                                       dtype=config.router_dtype))
@@ -178,14 +185,14 @@ class ExpertParallelMoE(nn.Module):
         return choose_replicas(ids_TK, *self._replicas, offset=self.state.ep_rank)
 
     # Views of the fused gate/up tensors, by the names of the full weights.
-    w_gate = property(lambda self: self.w_gate_up[:, : self.config.intermediate_size])
-    w_up = property(lambda self: self.w_gate_up[:, self.config.intermediate_size :])
+    w_gate = property(lambda self: self.w_gate_up[:, : self.w_down.shape[2]])
+    w_up = property(lambda self: self.w_gate_up[:, self.w_down.shape[2] :])
     b_gate = property(lambda self: self._bias_half(0))
     b_up = property(lambda self: self._bias_half(1))
 
     def _bias_half(self, half: int) -> Tensor | None:
         b = self.weight("b_gate_up")
-        Fi = self.config.intermediate_size
+        Fi = self.w_down.shape[2]
         return None if b is None else b[:, half * Fi : (half + 1) * Fi]
 
     def weight(self, name: str) -> Tensor | None:
@@ -199,7 +206,15 @@ class ExpertParallelMoE(nn.Module):
             getattr(self, name).copy_(t)
         for i, g in enumerate(self.local_experts):
             for name, t in init_expert(self.config, seed, g).items():
-                getattr(self, name)[i].copy_(t)
+                getattr(self, name)[i].copy_(self._f_part(name, t.unsqueeze(0))[0])
+
+    def _f_part(self, name: str, t_E: Tensor) -> Tensor:
+        """This rank's columns of F of a stacked expert weight ``[E, ...]`` (all of it
+        without tensor parallelism; ``b_down`` has no F)."""
+        a, b = self.f_slice
+        if (a, b) == (0, self.config.intermediate_size) or name == "b_down":
+            return t_E
+        return t_E[:, :, a:b] if name == "w_down" else t_E[:, a:b]
 
     @torch.no_grad()
     def load_full_weights(self, router_weight: Tensor, w_gate: Tensor, w_up: Tensor,
@@ -209,7 +224,8 @@ class ExpertParallelMoE(nn.Module):
         Shapes: ``router_weight [E, H]``, ``w_gate [E, F, H]``, ``w_up [E, F, H]``,
         ``w_down [E, H, F]``, and by keyword the config's optional weights, full
         size (:func:`optional_weight_shapes`). Only this rank's expert slices are
-        copied (and cast to the parameter's dtype and device).
+        copied (and cast to the parameter's dtype and device): its experts, or with
+        tensor parallelism its columns of every expert's F.
         """
         c = self.config
         E, H, Fi = c.num_experts, c.hidden_size, c.intermediate_size
@@ -234,7 +250,8 @@ class ExpertParallelMoE(nn.Module):
                                  f"expected {want[name]} for {c}")
         for name, t in given.items():
             if name in EXPERT_NAMES:
-                t = t.index_select(0, torch.tensor(self.local_experts, device=t.device))
+                t = self._f_part(name, t.index_select(
+                    0, torch.tensor(self.local_experts, device=t.device)))
             getattr(self, name).copy_(t)
 
     def rebalance(self, load_E: Tensor | None = None, num_nodes: int = 1,
@@ -260,8 +277,10 @@ class ExpertParallelMoE(nn.Module):
         return sum(t.numel() * t.element_size() for t in self.expert_tensors())
 
     def _experts(self) -> ExpertWeights:
-        return ExpertWeights(self.w_gate_up, self.w_down, self.weight("b_gate_up"),
-                             self.weight("b_down"))
+        b_down = self.weight("b_down")
+        if self.tensor_parallel and self.state.ep_rank:  # the group's sum adds it once
+            b_down = None
+        return ExpertWeights(self.w_gate_up, self.w_down, self.weight("b_gate_up"), b_down)
 
     def _shared(self, x_TH: Tensor) -> Tensor:
         if self.config.batch_invariant:  # in fixed tiles of tokens (ops.by_tiles)

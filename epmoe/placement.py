@@ -37,7 +37,8 @@ from torch import Tensor
 
 from .config import PLACEMENTS
 
-__all__ = ["ExpertMap", "choose_replicas", "expert_map", "map_of_slots"]
+__all__ = ["ExpertMap", "choose_replicas", "expert_map", "f_slices", "map_of_slots",
+           "tensor_parallel_map"]
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,28 @@ def _with_copies(held: list[list[int]], slots: int) -> list[int]:
             mine.append(e)
         out += mine
     return out
+
+
+def f_slices(intermediate_size: int, size: int) -> list[tuple[int, int]]:
+    """Tensor parallelism: rank g holds columns ``start .. stop - 1`` of every expert's F
+    (the first ``F % size`` ranks one more).
+
+    >>> f_slices(10, 4)
+    [(0, 3), (3, 6), (6, 8), (8, 10)]
+    """
+    base, extra = divmod(intermediate_size, size)
+    out, start = [], 0
+    for g in range(size):
+        stop = start + base + (1 if g < extra else 0)
+        out.append((start, stop))
+        start = stop
+    return out
+
+
+def tensor_parallel_map(num_experts: int, size: int, rank: int) -> ExpertMap:
+    """Tensor parallelism as this rank sees it: every expert (a slice of each) is here."""
+    E = num_experts
+    return ExpertMap(E, size, tuple(range(E)), (rank,) * E, tuple(range(E)))
 
 
 def map_of_slots(num_experts: int, ep_size: int, phy2log: list[int] | tuple[int, ...] | Tensor

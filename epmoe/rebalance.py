@@ -163,6 +163,9 @@ def rebalance_layer(layer: ExpertParallelMoE, load_E: Tensor | None = None,
     one raises the balancedness for this load by at least ``min_gain``: the greedy
     placement can reshuffle many experts for a small change of the load."""
     c, s = layer.config, layer.state
+    if layer.tensor_parallel:
+        raise ValueError(f"rebalance of {layer.name}: parallelism='tensor' holds every expert "
+                         "on every rank; there is nothing to re-place")
     t0 = time.perf_counter()
     E, P, G = c.num_experts, c.num_physical_experts, s.ep_size
     if load_E is None:

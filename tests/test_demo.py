@@ -62,3 +62,18 @@ def test_check_fails_on_a_wrong_output(capsys):
     y[2, 3] += 1e-3
     assert not demo.check(cfg, x, y, weights)
     assert "FAIL" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_demo_compare_prints_ep_beside_tp(nproc):
+    p = torchrun(nproc, "--force-cpu", "--compare", "--prefill-tokens", "64", "--reps", "2")
+    assert p.returncode == 0, p.stdout + p.stderr
+    out = p.stdout
+    assert "EP beside TP on the same tokens" in out and "-> PASS" in out
+    rows = {line.split("  ")[0]: line for line in out.splitlines()
+            if line.startswith(("EP  ", "TP, own tokens  ", "TP, replicated  "))}
+    assert set(rows) == {"EP", "TP, own tokens", "TP, replicated"}, out
+    assert "4: 4 all-to-all" in rows["EP"]
+    assert "2: 1 all-gather, 1 all-reduce" in rows["TP, replicated"]
+    assert "F 0-" in rows["TP, own tokens"] and "experts, whole" in rows["EP"]
+    assert all("(ok)" in row for row in rows.values())

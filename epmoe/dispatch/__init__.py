@@ -10,6 +10,11 @@ Three backends, chosen by ``MoEConfig.all2all_backend``, with identical outputs:
 ``low_latency``            fixed buffers of ``max_tokens_per_rank`` per rank pair: one
                            collective each way, no count exchange, no host sync
 =========================  ===========================================================
+
+With ``parallelism="tensor"`` every rank holds a slice of every expert: its own
+tokens travel by the all-gather backend (every expert local), or, with the same
+tokens on every rank (``tp_tokens="replicated"``), nothing travels in and one
+all-reduce sums the results (``replicated.py``).
 """
 
 from __future__ import annotations
@@ -24,11 +29,12 @@ from .base import Deferred, Dispatcher, Received, Wire
 from .index import pack_rows, pair_hits, plan_dispatch
 from .low_latency import LowLatencyDispatcher
 from .quant import Codec, make_codec
+from .replicated import ReplicatedDispatcher
 
 __all__ = [
     "AllGatherDispatcher", "AllToAllDispatcher", "Codec", "Deferred", "Dispatcher",
-    "LowLatencyDispatcher", "Received", "Wire", "make_codec", "make_dispatcher", "pack_rows",
-    "pair_hits", "plan_dispatch",
+    "LowLatencyDispatcher", "Received", "ReplicatedDispatcher", "Wire", "make_codec",
+    "make_dispatcher", "pack_rows", "pair_hits", "plan_dispatch",
 ]
 
 BACKEND_CLASSES: dict[str, type[Dispatcher]] = {
@@ -38,5 +44,9 @@ BACKEND_CLASSES: dict[str, type[Dispatcher]] = {
 
 def make_dispatcher(config: MoEConfig, state: ParallelState, owner_E: Tensor,
                     local_index_E: Tensor) -> Dispatcher:
-    """The backend ``config.all2all_backend`` for this rank."""
+    """The backend ``config.all2all_backend`` for this rank (tensor parallelism: see the
+    module docstring; ``owner_E`` then names this rank for every expert)."""
+    if config.parallelism == "tensor":
+        cls = AllGatherDispatcher if config.tp_tokens == "own" else ReplicatedDispatcher
+        return cls(config, state, owner_E, local_index_E)
     return BACKEND_CLASSES[config.all2all_backend](config, state, owner_E, local_index_E)

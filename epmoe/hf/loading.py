@@ -155,6 +155,9 @@ def _build_and_load(path: Path, state: ParallelState, hf_config, family: Family,
     clash = sorted(set(moe_options) & family_fields)
     if clash:
         raise ValueError(f"moe_options cannot set {clash}: they come from {path}/config.json")
+    if moe_options.get("parallelism", "expert") != "expert":
+        raise ValueError("moe_options: from_pretrained loads the experts expert-parallel; "
+                         "parallelism='tensor' is for the layer itself (demo.py --compare)")
     try:
         moe_cfg = moe_cfg.replace(**moe_options)
     except TypeError as e:  # an unknown field
