@@ -205,3 +205,28 @@ def test_tensor_config_errors():
                           parallelism="tensor")
     with pytest.raises(ValueError, match="intermediate_size=3 must be >= the 4 ranks"):
         cfg.check_ep_size(4)
+
+
+def _bad_input(mode: str) -> str:
+    state = epmoe.init_distributed(force_cpu=True, timeout_s=20)
+    cfg = epmoe.MoEConfig(hidden_size=8, intermediate_size=8, num_experts=4,
+                          parallelism="tensor", tp_tokens=mode)
+    layer = epmoe.ExpertParallelMoE(cfg, state, name="layer 2")
+    x = torch.randn(4, 7 if state.rank == 1 else 8)
+    try:
+        layer(x)
+    except ValueError as e:
+        out = f"{type(e).__name__}: {e}"
+    else:
+        out = "no error"
+    with torch.no_grad():  # and the next forward works
+        y = layer(torch.ones(4, 8))
+    return out + f" | next forward {tuple(y.shape)}"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bad_input_on_one_rank_raises_on_every_rank(mode):
+    r0, r1 = run_ranks(_bad_input, 2, mode)
+    assert r1.startswith("InputError: layer 2 on rank 1 expects x of shape [T, 8]"), r1
+    assert r0.startswith("PeerInputError: EP rank 1 could not run the dispatch of layer 2"), r0
+    assert r0.endswith("next forward (4, 8)") and r1.endswith("next forward (4, 8)")
