@@ -5,7 +5,8 @@ Each is the identity on a group of one (or with no process group at all). The
 backward of a variable-split all-to-all is the all-to-all with the splits
 swapped; every rank joins the same collectives in backward too (see
 :func:`_joins_backward`). Only the dispatch backends, the layer's agreements
-(config check, load statistics) and the CLIs call these.
+(config check, load statistics), the moves of a rebalance (``epmoe.rebalance``), the
+EP-vs-TP measurement and the CLIs call these.
 """
 
 from __future__ import annotations
