@@ -79,7 +79,7 @@ def _describe(seen: Counter) -> tuple[str, int]:
     by_kind: Counter = Counter()
     for n, c in seen.items():
         by_kind[NAMES[n]] += c
-    return ", ".join(f"{c} {k}" for k, c in sorted(by_kind.items())), total
+    return ", ".join(f"{c} {k}" for k, c in sorted(by_kind.items())) or "none", total
 
 
 def _timed(layer: ExpertParallelMoE, x: torch.Tensor, state: ParallelState) -> float:
