@@ -132,6 +132,14 @@ class MoEConfig:
     #   dtype (partial_dtype) and rounded once. Overrides expert_impl; costs 1.3-3.0x a
     #   forward (benchmarks/batch_invariant.py)
 
+    # --- training: balancing (epmoe.balance) ---
+    aux_loss_coef: float = 0.0  # > 0: layer.aux_loss includes this times the Switch/GShard
+    #   load-balancing loss over the whole EP group's tokens (one all-reduce of [E] counts)
+    z_loss_coef: float = 0.0  # > 0: layer.aux_loss includes this times the router z-loss
+    bias_update_rate: float = 0.0  # > 0: layer.update_bias() moves score_correction_bias by
+    #   this towards equal load (DeepSeek-V3's auxiliary-loss-free balancing; needs
+    #   score_correction_bias=True)
+
     def __post_init__(self) -> None:
         for name in ("hidden_size", "intermediate_size", "num_experts", "top_k", "n_group",
                      "topk_group", "max_chunk_tokens"):
@@ -183,6 +191,14 @@ class MoEConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 raise ValueError(f"MoEConfig.{name} must be a number > 0, got {value!r}")
+        for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+                raise ValueError(f"MoEConfig.{name} must be a number >= 0 (0: off), got "
+                                 f"{value!r}")
+        if self.bias_update_rate and not self.score_correction_bias:
+            raise ValueError("MoEConfig.bias_update_rate > 0 needs score_correction_bias=True: "
+                             "the bias it updates is the one added to the scores to choose")
         self._check_groups()
         if self.shared_expert_gate and not self.shared_intermediate_size:
             raise ValueError("MoEConfig.shared_expert_gate=True needs a shared expert "

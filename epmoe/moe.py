@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .balance import bias_step, router_probs, switch_aux_share, z_loss_share
 from .collectives import all_reduce_sum, gather_ints, gather_objects
 from .config import MoEConfig
 from .dispatch import make_dispatcher
@@ -154,6 +155,11 @@ class ExpertParallelMoE(nn.Module):
         self.forwards = 0  # forward calls, counted alike on every rank of the group
         self._rebalance_due = False  # set after every rebalance_interval-th forward
         self.last_rebalance: Rebalance | None = None
+        # Balancing (epmoe.balance): this rank's share of the losses of the last forward,
+        # and the tokens per expert since the last update_bias().
+        self._balancing = bool(config.aux_loss_coef or config.z_loss_coef)
+        self.aux_loss: Tensor | None = None
+        self._bias_counts_E = torch.zeros(config.num_experts, dtype=torch.int64, device=dev)
         self.peak_rows = 0  # most rows this rank received in one round (bounded by chunking)
         impl = config.expert_impl
         self.expert_impl = choose_expert_impl(dev, dt) if impl == "auto" else impl
@@ -267,6 +273,36 @@ class ExpertParallelMoE(nn.Module):
         self.last_rebalance = rebalance_layer(self, load_E, num_nodes, min_gain)
         return self.last_rebalance
 
+    def _balancing_losses(self, tokens: int) -> Tensor:
+        """This rank's share of ``aux_loss_coef * Switch + z_loss_coef * z`` over the
+        group's tokens (``epmoe.balance``): one all-reduce of the counts and token count."""
+        c, s = self.config, self.state
+        mine = torch.cat([self._load_E, self._load_E.new_tensor([tokens])])
+        with self._guard("balancing losses"):
+            group = all_reduce_sum(mine, s.ep_group)
+        counts_E, Tg = group[:-1], int(group[-1])  # NOTE: host sync, when the losses are on
+        loss = c.aux_loss_coef * switch_aux_share(self._probs_E, counts_E, Tg, c.top_k)
+        if c.z_loss_coef:
+            loss = loss + c.z_loss_coef * self._z / max(Tg, 1)
+        return loss
+
+    @torch.no_grad()
+    def update_bias(self) -> Tensor:
+        """DeepSeek-V3's auxiliary-loss-free balancing: move ``score_correction_bias`` by
+        ``config.bias_update_rate`` towards equal load, from the group's tokens per expert
+        since the last call (returned, ``[E]``). A collective: every rank of the EP group
+        calls it, typically after each optimiser step."""
+        c, s = self.config, self.state
+        if not c.bias_update_rate:
+            raise ValueError(f"update_bias of {self.name}: set MoEConfig.bias_update_rate > 0 "
+                             "(and score_correction_bias=True)")
+        with self._guard("bias update"):
+            counts_E = all_reduce_sum(self._bias_counts_E, s.ep_group)
+        self.score_correction_bias.copy_(bias_step(self.score_correction_bias, counts_E,
+                                                   c.bias_update_rate))
+        self._bias_counts_E.zero_()
+        return counts_E
+
     def expert_tensors(self) -> list[Tensor]:
         """The stacked per-slot tensors ``[e, ...]``: what a rebalance moves."""
         names = ("w_gate_up", "w_down", "b_gate_up", "b_down")
@@ -310,8 +346,10 @@ class ExpertParallelMoE(nn.Module):
         # low_latency: one round (its limit is max_tokens_per_rank); else chunks.
         step = max(T, 1) if c.all2all_backend == "low_latency" else c.max_chunk_tokens
         outs, start = [], 0
-        self._load_E = None if self.load is None else \
-            torch.zeros(c.num_experts, dtype=torch.int64, device=x_TH.device)
+        counting = self.load is not None or self._balancing or c.bias_update_rate
+        self._load_E = torch.zeros(c.num_experts, dtype=torch.int64, device=x_TH.device) \
+            if counting else None
+        self._probs_E = self._z = None  # (sums over this rank's tokens, with gradients)
         with self._guard("forward"):  # (names where this rank is, between the phases)
             while True:  # until no rank has tokens left
                 end = min(start + step, T)
@@ -324,6 +362,10 @@ class ExpertParallelMoE(nn.Module):
             s = self.state
             with self._guard("load statistics"):
                 self.load.add(all_reduce_sum(self._load_E, s.ep_group))
+        if c.bias_update_rate:
+            self._bias_counts_E += self._load_E
+        if self._balancing:
+            self.aux_loss = self._balancing_losses(T)
         self.forwards += 1
         if c.rebalance_interval and self.forwards % c.rebalance_interval == 0:
             self._rebalance_due = True  # at the start of the next forward
@@ -342,6 +384,12 @@ class ExpertParallelMoE(nn.Module):
             error = self._check_finite(x_TH, logits_TE, weights_TK)  # in a CUDA graph)
         if self._load_E is not None:
             self._load_E += torch.bincount(ids_TK.flatten(), minlength=c.num_experts)
+        if self._balancing:  # sums over this rank's tokens, for the losses after the chunks
+            probs_E = router_probs(logits_TE, c.scoring).sum(0)
+            self._probs_E = probs_E if self._probs_E is None else self._probs_E + probs_E
+            if c.z_loss_coef:
+                z = z_loss_share(logits_TE, 1)  # sum of logsumexp^2
+                self._z = z if self._z is None else self._z + z
         slots_TK = self._slots(ids_TK)  # the dispatch sees slot ids from here on
         timer.lap("router")
         if c.overlap_microbatches and not self.collect_stats:

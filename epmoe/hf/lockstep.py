@@ -104,6 +104,17 @@ class Lockstep:
         return [layer.rebalance(num_nodes=num_nodes, min_gain=min_gain)
                 for layer in self.layers]
 
+    def aux_loss(self):
+        """The sum of the MoE layers' balancing losses of the last forward (this rank's
+        share, see ``epmoe.balance``), or ``None`` when none is configured."""
+        parts = [layer.aux_loss for layer in self.layers if layer.aux_loss is not None]
+        return sum(parts) if parts else None
+
+    def update_bias(self) -> None:
+        """DeepSeek-V3's bias balancing step of every MoE layer (a collective)."""
+        for layer in self.layers:
+            layer.update_bias()
+
     @contextmanager
     def session(self) -> Iterator[None]:
         """Real forwards inside; on leaving the outermost session, idle until all are done.
