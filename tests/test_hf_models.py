@@ -356,3 +356,52 @@ def test_router_logits_are_refused_clearly_and_fp16_keeps_fp32_norms(checkpoints
     assert dec.norm.weight.dtype == torch.float32  # transformers' _keep_in_fp32_modules
     assert dec.layers[0].input_layernorm.weight.dtype == torch.float32
     assert dec.layers[0].self_attn.q_proj.weight.dtype == torch.float16
+
+
+# --------------------------------------------------------------- training gradients
+
+
+def _grad_worker(path: str) -> dict:
+    from epmoe.training import average_gradients
+
+    state = epmoe.init_distributed(force_cpu=True, timeout_s=60)
+    model = from_pretrained(path, state, dtype="float32")
+    model.train()
+    ids, _ = rank_inputs(state.rank)
+    with model.epmoe.session():
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    average_gradients(model, state)
+    local = {n: layer.local_experts for n, layer in model.named_modules()
+             if isinstance(layer, epmoe.ExpertParallelMoE)}
+    return dict(loss=loss.detach(), local=local,
+                grads={n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+
+
+def test_whole_model_gradients_match_transformers_backward(checkpoints):
+    """EP=2, each rank its own sequences, average_gradients: every gradient equals that
+    of transformers on one process for the mean of the two ranks' losses."""
+    path = checkpoints["mixtral"]
+    ranks = run_ranks(_grad_worker, 2, path, deadline_s=300)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ref.train()
+    losses = []
+    for rank in range(2):
+        ids, _ = rank_inputs(rank)
+        losses.append(ref(ids, labels=ids).loss)
+    (sum(losses) / 2).backward()
+    want = {n: p.grad for n, p in ref.named_parameters()}
+    for rank, r in enumerate(ranks):
+        assert torch.allclose(r["loss"], losses[rank].detach(), rtol=1e-5)
+        assert len(r["grads"]) == len(want)
+        for n, g in r["grads"].items():
+            if ".mlp.moe." in n:
+                block, leaf = n.rsplit(".moe.", 1)
+                local = list(r["local"][block + ".moe"])
+                w = {"router_weight": want[f"{block}.gate.weight"],
+                     "w_gate_up": want[f"{block}.experts.gate_up_proj"][local],
+                     "w_down": want[f"{block}.experts.down_proj"][local]}[leaf]
+            else:
+                w = want[n]
+            err = (g - w).abs().max().item()
+            assert err <= 1e-5 * max(w.abs().max().item(), 1e-6), f"rank {rank} {n}: {err:.3g}"
