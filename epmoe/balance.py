@@ -39,8 +39,8 @@ def switch_aux_share(probs_sum_E: Tensor, counts_E: Tensor, group_tokens: int,
     ``probs_sum_E`` sums this rank's tokens' probabilities and ``counts_E`` (the group's
     choices per expert) gives ``f``.
 
-    >>> float(switch_aux_share(torch.tensor([2.0, 2.0]), torch.tensor([2, 2]), 4, 1))
-    0.5
+    >>> float(switch_aux_share(torch.tensor([2.0, 2.0]), torch.tensor([2, 2]), 4, 1))  # even
+    1.0
     """
     if group_tokens == 0:
         return probs_sum_E.sum() * 0.0
