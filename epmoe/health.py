@@ -19,6 +19,7 @@ touches it except setting a string.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import socket
@@ -34,7 +35,7 @@ import torch.distributed as dist
 
 from .errors import RankFailure
 
-__all__ = ["Heartbeat", "exit_after_failure", "guarded", "is_comm_error"]
+__all__ = ["Heartbeat", "exit_after_failure", "guarded", "is_comm_error", "stop_heartbeats"]
 
 PREFIX = "epmoe/heartbeat"
 OUTSIDE = "outside epmoe's layers (its own code)"
@@ -48,6 +49,20 @@ def is_comm_error(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and any(s in text for s in (
         "gloo", "nccl", "connection", "timed out", "timeout", "socket", "broken pipe",
         "pair closure", "peer"))
+
+
+# This process's running heartbeats: stopped by destroy_distributed() and at exit (a
+# process-wide resource, as the process group itself is).
+_RUNNING: set[Heartbeat] = set()
+
+
+def stop_heartbeats() -> None:
+    """Stop every heartbeat of this process (``destroy_distributed`` and ``atexit``)."""
+    for hb in list(_RUNNING):
+        hb.stop()
+
+
+atexit.register(stop_heartbeats)
 
 
 class Heartbeat:
@@ -78,6 +93,7 @@ class Heartbeat:
         self._store.set_timeout(td)
         self._thread = threading.Thread(target=self._run, name="epmoe-heartbeat", daemon=True)
         self._thread.start()
+        _RUNNING.add(self)
 
     @classmethod
     def for_world(cls, rank: int, world_size: int, timeout_s: float) -> Heartbeat | None:
@@ -95,7 +111,15 @@ class Heartbeat:
             return None
 
     def stop(self) -> None:
+        """End the thread and let go of its store connection. Joins the thread (at most a
+        store timeout): a daemon thread left inside the store's C++ client when the
+        interpreter exits can abort the process (``terminate called ...``, exit -6)."""
         self._stop.set()
+        _RUNNING.discard(self)
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=2 * self.interval + 2.0)
+        if not self._thread.is_alive():
+            self._store = None
 
     def _run(self) -> None:
         keys = [f"{PREFIX}/beat/{r}" for r in range(self.world_size)]

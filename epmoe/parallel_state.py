@@ -46,7 +46,7 @@ from .collectives import (  # re-exported: the seed's parallel_state holds them
     gather_sizes,
     reduce_scatter_v,
 )
-from .health import Heartbeat
+from .health import Heartbeat, stop_heartbeats
 
 __all__ = [
     "PendingAllToAll",
@@ -249,9 +249,11 @@ def _check_agreement(rank: int, world_size: int, ep_size: int, device: torch.dev
 
 
 def destroy_distributed(state: ParallelState | None = None) -> None:
-    """End the process group, if one was started (and ``state``'s heartbeat); safe to
-    call more than once."""
+    """End the process group, if one was started, and the heartbeat (``state``'s, or
+    without ``state`` every one of this process); safe to call more than once."""
     if state is not None and state.heartbeat is not None:
         state.heartbeat.stop()
+    else:
+        stop_heartbeats()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
