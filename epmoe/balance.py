@@ -1,4 +1,7 @@
-"""Load-balancing losses and DeepSeek-V3's bias balancing, over a whole EP group (pure math).
+"""Load-balancing losses and DeepSeek-V3's bias balancing, over a whole EP group.
+
+The math is pure; the two ``..._over_group`` steps the layer calls each add the one
+all-reduce of counts that makes them group-wide.
 
 Shape legend: T tokens on this rank, E experts, k top_k. ``Tg`` is the number of
 tokens of the whole group in one forward.
@@ -22,7 +25,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["bias_step", "router_probs", "switch_aux_share", "z_loss_share"]
+from .collectives import all_reduce_sum
+from .config import MoEConfig
+from .health import guarded
+from .parallel_state import ParallelState
+
+__all__ = ["bias_step", "loss_share_over_group", "router_probs", "switch_aux_share",
+           "update_bias_over_group", "z_loss_share"]
 
 
 def router_probs(logits_TE: Tensor, scoring: str) -> Tensor:
@@ -65,3 +74,31 @@ def bias_step(bias_E: Tensor, counts_E: Tensor, rate: float) -> Tensor:
     """
     c = counts_E.double()
     return bias_E + rate * torch.sign(c.mean() - c).to(bias_E.dtype)
+
+
+def loss_share_over_group(probs_E: Tensor, z_sum: Tensor | None, counts_E: Tensor, tokens: int,
+                          config: MoEConfig, state: ParallelState, where: str) -> Tensor:
+    """This rank's share of ``aux_loss_coef * Switch + z_loss_coef * z`` over the group's
+    tokens, from this rank's sums (probabilities ``[E]``, logsumexp squares) and choices
+    per expert ``[E]``: one all-reduce of those counts and the token count."""
+    c, s = config, state
+    mine = torch.cat([counts_E, counts_E.new_tensor([tokens])])
+    with guarded(s.heartbeat, where, s.ep_ranks):
+        group = all_reduce_sum(mine, s.ep_group)
+    group_E, Tg = group[:-1], int(group[-1])  # NOTE: host sync, when the losses are on
+    loss = c.aux_loss_coef * switch_aux_share(probs_E, group_E, Tg, c.top_k)
+    if c.z_loss_coef:
+        loss = loss + c.z_loss_coef * z_sum / max(Tg, 1)
+    return loss
+
+
+@torch.no_grad()
+def update_bias_over_group(bias_E: Tensor, counts_E: Tensor, config: MoEConfig,
+                           state: ParallelState, where: str) -> Tensor:
+    """:func:`bias_step` in place on ``bias_E`` from the group's sum of ``counts_E``
+    (returned): one all-reduce."""
+    s = state
+    with guarded(s.heartbeat, where, s.ep_ranks):
+        group_E = all_reduce_sum(counts_E, s.ep_group)
+    bias_E.copy_(bias_step(bias_E, group_E, config.bias_update_rate))
+    return group_E

@@ -20,15 +20,15 @@ __all__ = [
     "all_gather_known",
     "all_gather_v",
     "all_reduce_sum",
-    "copy_to_group",
-    "sum_over_group",
     "all_to_all_v",
     "all_to_all_v_start",
+    "copy_to_group",
     "exchange_counts",
     "gather_ints",
     "gather_objects",
     "gather_sizes",
     "reduce_scatter_v",
+    "sum_over_group",
 ]
 
 

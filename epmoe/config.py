@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["MoEConfig", "parse_dtype"]
+__all__ = ["MoEConfig", "optional_weight_shapes", "parse_dtype"]
 
 SCORINGS = ("softmax", "sigmoid")
 ACTIVATIONS = ("silu", "gelu", "clamped_swiglu")
@@ -297,3 +297,21 @@ def _check_int(name: str, value: object, minimum: int, note: str = "") -> None:
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"MoEConfig.{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def optional_weight_shapes(config: MoEConfig) -> dict[str, tuple[int, ...]]:
+    """Full shapes of the weights a config adds to router, w_gate, w_up and w_down."""
+    E, H, Fi, Fs = config.num_experts, config.hidden_size, config.intermediate_size, \
+        config.shared_intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {}
+    if config.router_bias:
+        shapes["router_bias"] = (E,)
+    if config.score_correction_bias:
+        shapes["score_correction_bias"] = (E,)
+    if config.expert_bias:
+        shapes.update(b_gate=(E, Fi), b_up=(E, Fi), b_down=(E, H))
+    if Fs:
+        shapes.update(shared_gate=(Fs, H), shared_up=(Fs, H), shared_down=(H, Fs))
+    if config.shared_expert_gate:
+        shapes["shared_expert_gate"] = (1, H)
+    return shapes

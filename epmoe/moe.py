@@ -25,11 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .balance import bias_step, router_probs, switch_aux_share, z_loss_share
-from .collectives import all_reduce_sum, gather_ints, gather_objects
-from .config import MoEConfig
+from .balance import loss_share_over_group, router_probs, update_bias_over_group, z_loss_share
+from .checks import check_finite, check_input, check_same_config
+from .collectives import all_reduce_sum
+from .config import MoEConfig, optional_weight_shapes
 from .dispatch import make_dispatcher
-from .errors import InputError, Problem
+from .errors import InputError
 from .experts import (
     ExpertWeights,
     choose_expert_impl,
@@ -47,29 +48,11 @@ from .parallel_state import ParallelState
 from .placement import ExpertMap, choose_replicas, expert_map, f_slices, tensor_parallel_map
 from .rebalance import Rebalance, rebalance_layer
 from .router import route
-from .stats import ExpertLoad, MoEStats, PhaseTimer
+from .stats import ExpertLoad, MoEStats, PhaseTimer, forward_stats
 
 __all__ = ["ExpertParallelMoE", "Rebalance", "optional_weight_shapes"]
 
 EXPERT_NAMES = ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")
-
-
-def optional_weight_shapes(config: MoEConfig) -> dict[str, tuple[int, ...]]:
-    """Full shapes of the weights a config adds to router, w_gate, w_up and w_down."""
-    E, H, Fi, Fs = config.num_experts, config.hidden_size, config.intermediate_size, \
-        config.shared_intermediate_size
-    shapes: dict[str, tuple[int, ...]] = {}
-    if config.router_bias:
-        shapes["router_bias"] = (E,)
-    if config.score_correction_bias:
-        shapes["score_correction_bias"] = (E,)
-    if config.expert_bias:
-        shapes.update(b_gate=(E, Fi), b_up=(E, Fi), b_down=(E, H))
-    if Fs:
-        shapes.update(shared_gate=(Fs, H), shared_up=(Fs, H), shared_down=(H, Fs))
-    if config.shared_expert_gate:
-        shapes["shared_expert_gate"] = (1, H)
-    return shapes
 
 
 class ExpertParallelMoE(nn.Module):
@@ -104,7 +87,8 @@ class ExpertParallelMoE(nn.Module):
         self.config = config
         self.state = state
         self.name = name  # how errors name this layer ("layer 3")
-        self._check_same_config()
+        self._where = f"{name} on rank {state.rank}"
+        check_same_config(config, state, name)
         self.collect_stats = collect_stats  # fill self.last_stats on every forward
         self.last_stats: MoEStats | None = None
         # Token rows put on the wire to each EP rank over all forwards (the entry for
@@ -273,33 +257,18 @@ class ExpertParallelMoE(nn.Module):
         self.last_rebalance = rebalance_layer(self, load_E, num_nodes, min_gain)
         return self.last_rebalance
 
-    def _balancing_losses(self, tokens: int) -> Tensor:
-        """This rank's share of ``aux_loss_coef * Switch + z_loss_coef * z`` over the
-        group's tokens (``epmoe.balance``): one all-reduce of the counts and token count."""
-        c, s = self.config, self.state
-        mine = torch.cat([self._load_E, self._load_E.new_tensor([tokens])])
-        with self._guard("balancing losses"):
-            group = all_reduce_sum(mine, s.ep_group)
-        counts_E, Tg = group[:-1], int(group[-1])  # NOTE: host sync, when the losses are on
-        loss = c.aux_loss_coef * switch_aux_share(self._probs_E, counts_E, Tg, c.top_k)
-        if c.z_loss_coef:
-            loss = loss + c.z_loss_coef * self._z / max(Tg, 1)
-        return loss
-
     @torch.no_grad()
     def update_bias(self) -> Tensor:
         """DeepSeek-V3's auxiliary-loss-free balancing: move ``score_correction_bias`` by
         ``config.bias_update_rate`` towards equal load, from the group's tokens per expert
         since the last call (returned, ``[E]``). A collective: every rank of the EP group
         calls it, typically after each optimiser step."""
-        c, s = self.config, self.state
+        c = self.config
         if not c.bias_update_rate:
             raise ValueError(f"update_bias of {self.name}: set MoEConfig.bias_update_rate > 0 "
                              "(and score_correction_bias=True)")
-        with self._guard("bias update"):
-            counts_E = all_reduce_sum(self._bias_counts_E, s.ep_group)
-        self.score_correction_bias.copy_(bias_step(self.score_correction_bias, counts_E,
-                                                   c.bias_update_rate))
+        counts_E = update_bias_over_group(self.score_correction_bias, self._bias_counts_E, c,
+                                          self.state, f"the bias update of {self.name}")
         self._bias_counts_E.zero_()
         return counts_E
 
@@ -339,7 +308,7 @@ class ExpertParallelMoE(nn.Module):
         if self._rebalance_due:  # between two forwards (after the last one's backward)
             self._rebalance_due = False
             self.rebalance()
-        error = self._check_input(x_TH)
+        error = check_input(x_TH, c, self.w_down.device, self._where)
         if error is not None:  # join the group's first dispatch with no tokens, then raise
             x_TH = torch.empty((0, c.hidden_size), dtype=c.dtype, device=self.state.device)
         T = x_TH.shape[0]
@@ -365,7 +334,9 @@ class ExpertParallelMoE(nn.Module):
         if c.bias_update_rate:
             self._bias_counts_E += self._load_E
         if self._balancing:
-            self.aux_loss = self._balancing_losses(T)
+            self.aux_loss = loss_share_over_group(self._probs_E, self._z, self._load_E, T, c,
+                                                  self.state, f"the balancing losses of "
+                                                  f"{self.name}")
         self.forwards += 1
         if c.rebalance_interval and self.forwards % c.rebalance_interval == 0:
             self._rebalance_due = True  # at the start of the next forward
@@ -381,7 +352,7 @@ class ExpertParallelMoE(nn.Module):
             x_TH, self.router_weight, c, self.weight("router_bias"),
             self.weight("score_correction_bias"), return_logits=True)
         if error is None and c.nonfinite == "raise" and not capturing():  # (no host reads
-            error = self._check_finite(x_TH, logits_TE, weights_TK)  # in a CUDA graph)
+            error = check_finite(x_TH, logits_TE, weights_TK, self._where)  # in a CUDA graph)
         if self._load_E is not None:
             self._load_E += torch.bincount(ids_TK.flatten(), minlength=c.num_experts)
         if self._balancing:  # sums over this rank's tokens, for the losses after the chunks
@@ -397,7 +368,10 @@ class ExpertParallelMoE(nn.Module):
         else:
             y_TH, more = self._one_batch(x_TH, weights_TK, slots_TK, timer, error, more)
         if self.collect_stats:
-            self.last_stats = self._stats(x_TH, ids_TK, slots_TK, timer.seconds)
+            wire, counts, local_ids_NK = self._last
+            self.last_stats = forward_stats(ids_TK, slots_TK, self.owner, c.num_experts,
+                                            s.ep_size, len(self.local_experts), wire, counts,
+                                            local_ids_NK, timer.seconds)
         return y_TH, more
 
     def _guard(self, phase: str):
@@ -470,94 +444,6 @@ class ExpertParallelMoE(nn.Module):
         self.rows_sent = [a + b for a, b in zip(self.rows_sent, wire.send_rows, strict=True)]
         if self.collect_stats:
             self._last = (wire, counts, received.local_ids_NK)
-
-    def _check_input(self, x) -> InputError | None:
-        """This rank's input problem, if any (raised after the peers were told)."""
-        c, rank, name = self.config, self.state.rank, self.name
-        if not isinstance(x, Tensor):
-            return InputError(Problem.SHAPE, 0, f"{name} on rank {rank}: x must be a "
-                              f"torch.Tensor [T, {c.hidden_size}], got {type(x).__name__}")
-        if x.dim() != 2 or x.shape[1] != c.hidden_size:
-            return InputError(Problem.SHAPE, 0, f"{name} on rank {rank} expects x of shape "
-                              f"[T, {c.hidden_size}] (tokens, hidden_size), got "
-                              f"{tuple(x.shape)}")
-        if x.dtype != c.dtype:
-            return InputError(Problem.DTYPE, 0, f"{name} on rank {rank} expects x of dtype "
-                              f"{c.dtype} (config.dtype), got {x.dtype}")
-        if x.device != self.w_down.device:
-            return InputError(Problem.DEVICE, 0, f"{name} on rank {rank} expects x on "
-                              f"{self.w_down.device} (this rank's device), got {x.device}")
-        return None
-
-    def _check_finite(self, x_TH: Tensor, logits_TE: Tensor,
-                      weights_TK: Tensor) -> InputError | None:
-        """NaN or Inf in the tokens or their routing (config.nonfinite="raise"). A
-        non-finite token makes all its logits non-finite, so the small [T, E] logits
-        are checked, not the [T, H] tokens (which only the error message reads)."""
-        # NOTE: one host sync per chunk (free on the CPU); nonfinite="propagate" skips it.
-        if bool((torch.isfinite(logits_TE).all() & torch.isfinite(weights_TK).all()).item()):
-            return None
-        bad_T = ~torch.isfinite(x_TH).all(dim=1)
-        where = f"{self.name} on rank {self.state.rank}"
-        hint = ("(MoEConfig.nonfinite='raise'; 'propagate' lets them through, each such token "
-                "giving non-finite outputs of its own only)")
-        if bad_T.any():
-            idx = bad_T.nonzero().flatten().tolist()
-            return InputError(Problem.NONFINITE_INPUT, len(idx), f"{where}: the input x has NaN "
-                              f"or Inf in {len(idx)} of {x_TH.shape[0]} tokens (first: "
-                              f"{idx[:5]}) {hint}")
-        idx = (~torch.isfinite(weights_TK).all(dim=1)).nonzero().flatten().tolist()
-        return InputError(Problem.NONFINITE_SCORES, len(idx), f"{where}: the router scores "
-                          f"have NaN or Inf in {len(idx)} of {x_TH.shape[0]} tokens (first: "
-                          f"{idx[:5]}) though the tokens are finite: check router_weight "
-                          f"{hint}")
-
-    def _check_same_config(self) -> None:
-        """Every rank of the EP group must build the layer from the same config: a hash
-        over the group, and on a difference, the fields that differ on every rank."""
-        s = self.state
-        if s.ep_size == 1 or s.ep_group is None:
-            return
-        with guarded(s.heartbeat, f"the config check of {self.name}", s.ep_ranks):
-            seen = gather_ints([self.config.fingerprint()], s.device, s.ep_group)
-            if len({v[0] for v in seen}) == 1:
-                return
-            configs = gather_objects(self.config, s.ep_group)
-        diff = {}
-        for j, other in enumerate(configs):
-            for field, (_, theirs) in configs[0].differences(other).items():
-                diff.setdefault(field, {})[s.ep_ranks[j]] = theirs
-        lines = []
-        for field, vals in diff.items():
-            every = {s.ep_ranks[0]: getattr(configs[0], field), **vals}
-            lines.append(f"{field}: " + ", ".join(f"{v!r} on rank {r}" for r, v in every.items()))
-        text = "; ".join(lines)
-        raise ValueError(f"MoEConfig of {self.name} differs between the ranks of EP group "
-                         f"{list(s.ep_ranks)}: {text}. Every rank must build each layer from "
-                         "the same config (the same checkpoint, the same arguments).")
-
-    def _stats(self, x_TH: Tensor, ids_TK: Tensor, slots_TK: Tensor,
-               seconds: dict[str, float]) -> MoEStats:
-        # Only when collect_stats is on: a bincount or two and their host syncs.
-        wire, counts, local_ids_NK = self._last
-        E, G = self.config.num_experts, self.state.ep_size
-        per_expert = torch.bincount(ids_TK.flatten(), minlength=E)
-        if counts is None:  # the fixed-shape path did not count on the host
-            counts = torch.bincount(local_ids_NK[local_ids_NK >= 0],
-                                    minlength=len(self.local_experts)).tolist()
-        hits = torch.zeros((x_TH.shape[0], G), dtype=torch.bool, device=x_TH.device)
-        hits.scatter_(1, self.owner[slots_TK], True)
-        return MoEStats(
-            tokens=x_TH.shape[0],
-            tokens_per_expert=per_expert.tolist(),
-            recv_per_local_expert=list(counts),
-            send_rows=list(wire.send_rows),
-            recv_rows=list(wire.recv_rows),
-            dispatch_bytes=list(wire.dispatch_bytes),
-            combine_bytes=list(wire.combine_bytes),
-            needed_rows=hits.sum(0).tolist(),
-            seconds=dict(seconds),
-        )
 
     def extra_repr(self) -> str:
         c = self.config

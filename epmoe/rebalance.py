@@ -103,7 +103,7 @@ def move_rows(tensors: list[Tensor], moves: list[Move], ep_rank: int, ep_size: i
     in place, so parameters stay the same objects): one all-to-all of the travelling
     rows, every expert's tensors packed into one ``[n, D]`` buffer (a copy of the rows
     that leave). Every rank of ``group`` calls it with the same ``moves``. Returns the
-    bytes this rank sent and received."""
+    rows this rank sent and received."""
     me = ep_rank
     dtype = tensors[0].dtype
     if any(t.dtype != dtype for t in tensors):
@@ -137,8 +137,7 @@ def move_rows(tensors: list[Tensor], moves: list[Move], ep_rank: int, ep_size: i
         i = torch.tensor(dst, dtype=torch.long, device=dev)
         for f, part in zip(flat, torch.split(batch, widths, dim=1), strict=True):
             f.index_copy_(0, i, part)
-    row_bytes = sum(widths) * tensors[0].element_size()
-    return sum(send) * row_bytes, sum(recv) * row_bytes
+    return sum(send), sum(recv)
 
 
 def new_placement(old: ExpertMap, load_E: Tensor, num_slots: int, num_groups: int = 1,
@@ -199,13 +198,12 @@ def rebalance_layer(layer: ExpertParallelMoE, load_E: Tensor | None = None,
                                  f"(checksums {seen}): they were given different loads; "
                                  "every rank must pass the same load_E")
         sent, received = move_rows(layer.expert_tensors(), moves, s.ep_rank, G, s.ep_group)
-    layer._use_map(new)
     row_bytes = sum(t[0].numel() * t.element_size() for t in layer.expert_tensors())
+    layer._use_map(new)
     return Rebalance(
         changed_rows=len(moves),
-        rows_sent=sent // row_bytes if row_bytes else 0,
-        rows_received=received // row_bytes if row_bytes else 0,
-        bytes_sent=sent, bytes_received=received,
+        rows_sent=sent, rows_received=received,
+        bytes_sent=sent * row_bytes, bytes_received=received * row_bytes,
         seconds=time.perf_counter() - t0,
         balancedness_before=old.balancedness(load_E),
         balancedness_after=new.balancedness(load_E),

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .placement import ExpertMap
 
-__all__ = ["ExpertLoad", "MoEStats", "PhaseTimer"]
+__all__ = ["ExpertLoad", "MoEStats", "PhaseTimer", "forward_stats"]
 
 PHASES = ("router", "dispatch", "experts", "combine")  # and "shared" when it runs after
 
@@ -98,3 +98,29 @@ class ExpertLoad:
     def balancedness(self, expert_map: ExpertMap) -> float:
         """Mean over max of the tokens per rank (1.0: perfectly even; 1.0 with no tokens)."""
         return expert_map.balancedness(self.total())
+
+
+def forward_stats(ids_TK: Tensor, slots_TK: Tensor, owner_P: Tensor, num_experts: int,
+                  ep_size: int, num_local: int, wire, counts: list[int] | None,
+                  local_ids_NK: Tensor, seconds: dict[str, float]) -> MoEStats:
+    """One forward's :class:`MoEStats` from its routing (expert ids and slot ids ``[T, k]``),
+    the dispatch's :class:`~epmoe.dispatch.Wire` and the rows each local expert computed
+    (``counts``; ``None`` after the fixed-shape path, then counted from ``local_ids_NK``).
+    Only when ``collect_stats`` is on: a bincount or two and their host syncs."""
+    T = ids_TK.shape[0]
+    per_expert = torch.bincount(ids_TK.flatten(), minlength=num_experts)
+    if counts is None:
+        counts = torch.bincount(local_ids_NK[local_ids_NK >= 0], minlength=num_local).tolist()
+    hits = torch.zeros((T, ep_size), dtype=torch.bool, device=ids_TK.device)
+    hits.scatter_(1, owner_P[slots_TK], True)
+    return MoEStats(
+        tokens=T,
+        tokens_per_expert=per_expert.tolist(),
+        recv_per_local_expert=list(counts),
+        send_rows=list(wire.send_rows),
+        recv_rows=list(wire.recv_rows),
+        dispatch_bytes=list(wire.dispatch_bytes),
+        combine_bytes=list(wire.combine_bytes),
+        needed_rows=hits.sum(0).tolist(),
+        seconds=dict(seconds),
+    )

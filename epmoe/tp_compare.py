@@ -94,6 +94,13 @@ def _timed(layer: ExpertParallelMoE, x: torch.Tensor, state: ParallelState) -> f
     return max(gather_objects(ms, state.ep_group))
 
 
+def _tokens_for(layer: ExpertParallelMoE, x_own: torch.Tensor,
+                x_all: torch.Tensor) -> torch.Tensor:
+    """The group's whole batch for a replicated-tokens layer, else this rank's tokens."""
+    replicated = layer.tensor_parallel and layer.config.tp_tokens == "replicated"
+    return x_all if replicated else x_own
+
+
 def compare(state: ParallelState, config: MoEConfig, sizes: dict[str, int], reps: int = 9,
             seed: int = 0) -> list[dict]:
     """Every mode of :data:`MODES` for each ``{size name: tokens per rank}``; the same
@@ -111,8 +118,7 @@ def compare(state: ParallelState, config: MoEConfig, sizes: dict[str, int], reps
         with torch.no_grad():
             x_all, splits = all_gather_v(x_own, state.ep_group)
         for name, layer in layers.items():
-            x = x_all if layer.config.tp_tokens == "replicated" and layer.tensor_parallel \
-                else x_own
+            x = _tokens_for(layer, x_own, x_all)
             with torch.no_grad(), counting_collectives() as seen:
                 y = layer(x)
             s = layer.last_stats
@@ -143,8 +149,7 @@ def compare(state: ParallelState, config: MoEConfig, sizes: dict[str, int], reps
             layer.collect_stats = False
         for i in range(reps + 1):  # (one warm-up round)
             for name, layer in layers.items():
-                x = x_all if layer.tensor_parallel and layer.config.tp_tokens == "replicated" \
-                    else x_own
+                x = _tokens_for(layer, x_own, x_all)
                 t = _timed(layer, x, state)
                 if i:
                     times[name].append(t)

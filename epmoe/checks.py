@@ -1,0 +1,84 @@
+"""What the MoE layer checks before it runs: the input of a forward, its routing, and that
+every rank of the group built the layer from the same config.
+
+The input checks only *find* a problem; the layer raises it after the peers were told,
+at the first collective of the dispatch (``epmoe.errors``), so that every rank raises.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .collectives import gather_ints, gather_objects
+from .config import MoEConfig
+from .errors import InputError, Problem
+from .health import guarded
+from .parallel_state import ParallelState
+
+__all__ = ["check_finite", "check_input", "check_same_config"]
+
+
+def check_input(x, config: MoEConfig, device: torch.device, where: str) -> InputError | None:
+    """This rank's input problem, if any. ``where``: "layer 3 on rank 1"."""
+    c = config
+    if not isinstance(x, Tensor):
+        return InputError(Problem.SHAPE, 0, f"{where}: x must be a torch.Tensor "
+                          f"[T, {c.hidden_size}], got {type(x).__name__}")
+    if x.dim() != 2 or x.shape[1] != c.hidden_size:
+        return InputError(Problem.SHAPE, 0, f"{where} expects x of shape [T, {c.hidden_size}] "
+                          f"(tokens, hidden_size), got {tuple(x.shape)}")
+    if x.dtype != c.dtype:
+        return InputError(Problem.DTYPE, 0, f"{where} expects x of dtype {c.dtype} "
+                          f"(config.dtype), got {x.dtype}")
+    if x.device != device:
+        return InputError(Problem.DEVICE, 0, f"{where} expects x on {device} (this rank's "
+                          f"device), got {x.device}")
+    return None
+
+
+def check_finite(x_TH: Tensor, logits_TE: Tensor, weights_TK: Tensor,
+                 where: str) -> InputError | None:
+    """NaN or Inf in the tokens or their routing (config.nonfinite="raise"). A non-finite
+    token makes all its logits non-finite, so the small [T, E] logits are checked, not the
+    [T, H] tokens (which only the error message reads)."""
+    # NOTE: one host sync per chunk (free on the CPU); nonfinite="propagate" skips it.
+    if bool((torch.isfinite(logits_TE).all() & torch.isfinite(weights_TK).all()).item()):
+        return None
+    bad_T = ~torch.isfinite(x_TH).all(dim=1)
+    hint = ("(MoEConfig.nonfinite='raise'; 'propagate' lets them through, each such token "
+            "giving non-finite outputs of its own only)")
+    if bad_T.any():
+        idx = bad_T.nonzero().flatten().tolist()
+        return InputError(Problem.NONFINITE_INPUT, len(idx), f"{where}: the input x has NaN "
+                          f"or Inf in {len(idx)} of {x_TH.shape[0]} tokens (first: "
+                          f"{idx[:5]}) {hint}")
+    idx = (~torch.isfinite(weights_TK).all(dim=1)).nonzero().flatten().tolist()
+    return InputError(Problem.NONFINITE_SCORES, len(idx), f"{where}: the router scores "
+                      f"have NaN or Inf in {len(idx)} of {x_TH.shape[0]} tokens (first: "
+                      f"{idx[:5]}) though the tokens are finite: check router_weight {hint}")
+
+
+def check_same_config(config: MoEConfig, state: ParallelState, name: str) -> None:
+    """Every rank of the EP group must build the layer from the same config: a hash
+    over the group, and on a difference, the fields that differ on every rank."""
+    s = state
+    if s.ep_size == 1 or s.ep_group is None:
+        return
+    with guarded(s.heartbeat, f"the config check of {name}", s.ep_ranks):
+        seen = gather_ints([config.fingerprint()], s.device, s.ep_group)
+        if len({v[0] for v in seen}) == 1:
+            return
+        configs = gather_objects(config, s.ep_group)
+    diff = {}
+    for j, other in enumerate(configs):
+        for field, (_, theirs) in configs[0].differences(other).items():
+            diff.setdefault(field, {})[s.ep_ranks[j]] = theirs
+    lines = []
+    for field, vals in diff.items():
+        every = {s.ep_ranks[0]: getattr(configs[0], field), **vals}
+        lines.append(f"{field}: " + ", ".join(f"{v!r} on rank {r}" for r, v in every.items()))
+    text = "; ".join(lines)
+    raise ValueError(f"MoEConfig of {name} differs between the ranks of EP group "
+                     f"{list(s.ep_ranks)}: {text}. Every rank must build each layer from "
+                     "the same config (the same checkpoint, the same arguments).")
