@@ -65,7 +65,7 @@ def main() -> int:
                 return 1
     except Exception as e:  # the survivors: what they say, and when
         say(rank=state.rank, error_type=type(e).__name__, error=str(e), at=time.time())
-        epmoe.health.exit_after_failure(3)  # as the CLI does: no clean-up of a broken group
+        epmoe.health.hard_exit(3)  # as the CLI does: no clean-up of a broken group
 
 
 if __name__ == "__main__":

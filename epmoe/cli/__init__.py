@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from ..errors import RankFailure
-from ..health import exit_after_failure
+from ..health import hard_exit
 
 COMMANDS = {
     "generate": "greedy generation from a Hugging Face MoE checkpoint, expert-parallel",
@@ -30,12 +31,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     module = importlib.import_module(f".{args.command}", __name__)
     kwargs = {k: v for k, v in vars(args).items() if k != "command"}
+    # Under torchrun with peers, leave without the interpreter's teardown (health.hard_exit).
+    leave = hard_exit if int(os.environ.get("WORLD_SIZE", "1")) > 1 else sys.exit
     try:
         code = module.main(**kwargs)
     except ValueError as e:  # bad input: say what and why, without a traceback
         print(f"python -m epmoe {args.command}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        leave(2)
     except RankFailure as e:  # another rank died, stalled or became unreachable
         print(f"python -m epmoe {args.command}: {e}", file=sys.stderr)
-        exit_after_failure(3)  # (not sys.exit: the broken process group may abort at exit)
-    sys.exit(code or 0)
+        hard_exit(3)  # (not sys.exit: the broken process group aborts at exit)
+    leave(code or 0)
