@@ -3,6 +3,8 @@
     python benchmarks/run_all.py            # about 30 minutes on 2 cores
     python benchmarks/run_all.py --quick    # fewer repetitions and cases, for a smoke run
     python benchmarks/run_all.py --rebuild benchmarks/results/all_<date>.json
+    python benchmarks/run_all.py --report benchmarks/results/all_<date>.json \
+        --fwd-bwd benchmarks/results/fwd_bwd.json   # RESULTS.md from saved results only
 
 Needs the ``bench`` extra (transformers' EP needs accelerate) and, for the
 torchtitan peer, ``pip install --no-deps torchtitan==0.3.0 spmd_types==0.2.3
@@ -76,6 +78,10 @@ def main(quick: bool = False) -> None:
     sh(torchrun("benchmarks/compare.py", "--reps", reps, "--json", str(f)))
     raw["compare"] = json.loads(f.read_text())
 
+    f = RESULTS / f"fwd_bwd_{day}.json"
+    sh(torchrun("benchmarks/fwd_bwd.py", "--reps", reps, "--json", str(f)))
+    raw["fwd_bwd"] = json.loads(f.read_text())
+
     f, png = RESULTS / f"bench_{day}.json", RESULTS / f"bench_{day}.png"
     sweep = ["--reps", "3" if quick else "5"]
     if quick:
@@ -126,6 +132,18 @@ def rebuild(raw_json: str) -> None:
     raw = json.loads(Path(raw_json).read_text())
     raw["profile"] = profile(raw["date"])
     Path(raw_json).write_text(json.dumps(raw, indent=1) + "\n")
+    (HERE / "RESULTS.md").write_text(report(raw, f"bench_{raw['date']}.png"))
+    print(f"wrote {HERE / 'RESULTS.md'}")
+
+
+def report_only(raw_json: str, fwd_bwd_json: str | None) -> None:
+    """RESULTS.md again from saved results, running nothing (``--rebuild`` reruns the
+    profile): a run's raw figures, and ``benchmarks/fwd_bwd.py``'s results where the raw
+    file has none or another is named. The saved files are left as they are."""
+    raw = json.loads(Path(raw_json).read_text())
+    if fwd_bwd_json:
+        raw["fwd_bwd"] = json.loads(Path(fwd_bwd_json).read_text())
+        raw["fwd_bwd_source"] = Path(fwd_bwd_json).name
     (HERE / "RESULTS.md").write_text(report(raw, f"bench_{raw['date']}.png"))
     print(f"wrote {HERE / 'RESULTS.md'}")
 
@@ -206,6 +224,21 @@ def targets(raw: dict) -> list[str]:
         rows.append(f"| decode: within 1.2x of floor + 2 empty all-to-alls | {ours / bound:.2f}x "
                     f"({_ms(ours)} ms against {_ms(bound)} ms) | "
                     f"{'yes' if ours <= 1.2 * bound else 'no'} |")
+    fb = {r["tokens_per_rank"]: r for r in raw.get("fwd_bwd", [])}
+    if 2048 in fb:
+        ms = fb[2048]["fwd_bwd_ms"]
+        name, ours = best(ms, "epmoe")
+        parts, ratios = [], []
+        for peer in ("transformers EP", "torchtitan EP"):
+            if any(n.startswith(peer) for n in ms):
+                pn, pv = best(ms, peer)
+                ratios.append(pv / ours)
+                parts.append(f"{pv / ours:.2f}x than {pn} ({_ms(pv)} ms)")
+            else:
+                parts.append(f"{peer} not timed (see its section)")
+        met = "n/a" if len(ratios) < 2 else "yes" if min(ratios) >= 1.3 else "no"
+        rows.append(f"| fwd+bwd 2048/rank: >= 1.3x faster than transformers EP and torchtitan "
+                    f"EP | {'; '.join(parts)}; {name} {_ms(ours)} ms | {met} |")
     lowp = [r for r in raw["low_precision"] if r["dtype"] == "bfloat16"]
     exact = next((r for r in lowp if r["dispatch_dtype"] is None), None)
     fp8 = next((r for r in lowp if r["dispatch_dtype"] == "float8_e4m3"), None)
@@ -235,6 +268,44 @@ def compare_tables(raw: dict) -> list[str]:
         for n, ok in r["passed"].items():
             if not ok:
                 out.append(f"| {n} | failed its check: {r['checks'][n]} | |")
+    return out
+
+
+def fwd_bwd_tables(raw: dict) -> list[str]:
+    if "fwd_bwd" not in raw:
+        return []
+    sys.path.insert(0, str(HERE))
+    from fwd_bwd import check_table
+
+    source = raw.get("fwd_bwd_source", f"fwd_bwd_{raw['date']}.json")
+    out = ["", "## Forward and backward (training), Mixtral-like, bf16", "",
+           "`torchrun --nproc_per_node=2 benchmarks/fwd_bwd.py` (figures: "
+           f"`results/{source}`). Each rank its own tokens; the router, the experts and "
+           "the input require gradients. fwd+bwd: the forward, then `y.backward(grad_y)` "
+           "with a fixed random `grad_y`, gradients set to None before each (untimed); "
+           "fwd: the same forward alone, in grad mode (it records the graph); bwd / fwd = "
+           "(fwd+bwd - fwd) / fwd. The floor: the expert matrix products alone on the rows "
+           "per expert epmoe routed, forward (gate/up and down) and backward (the input and "
+           "weight gradient of each, 4 more products of the same sizes), as a loop or as "
+           "grouped_mm (backward by autograd). Before timing, every contender's output and "
+           "gradients (input, router summed over the ranks, local experts) are checked "
+           "against the fp32 reference (tables below the times)."]
+    for r in raw["fwd_bwd"]:
+        fwd, fb = r["fwd_ms"], r["fwd_bwd_ms"]
+        ours = min(v for n, v in fb.items() if n.startswith("epmoe"))
+        out += ["", f"**{r['tokens_per_rank']} tokens per rank** (times: median ms of the "
+                "slower rank)", "",
+                "| contender | fwd ms | fwd+bwd ms | bwd / fwd | fwd+bwd relative to the "
+                "fastest epmoe |", "| --- | --- | --- | --- | --- |"]
+        for n, v in sorted(fb.items(), key=lambda kv: kv[1]):
+            out.append(f"| {n} | {_ms(fwd[n])} | {_ms(v)} | {(v - fwd[n]) / fwd[n]:.2f} | "
+                       f"{v / ours:.2f}x |")
+        for n, why in r["notes"].items():
+            out.append(f"| {n} | not run: {why} | | | |")
+        for n, ok in r["passed"].items():
+            if not ok:
+                out.append(f"| {n} | failed its check, not timed | | | |")
+        out += check_table(r).lstrip("\n").split("\n")
     return out
 
 
@@ -269,7 +340,7 @@ def report(raw: dict, png: str) -> str:
         "report: [EPLB.md](EPLB.md), written by `benchmarks/eplb_balance.py --report`.",
         "", "## Targets (Mixtral-like, bf16)", "", *targets(raw),
         "", "## Beside the peers (Mixtral-like, bf16, `benchmarks/compare.py`)",
-        *compare_tables(raw), *profile_tables(raw),
+        *compare_tables(raw), *fwd_bwd_tables(raw), *profile_tables(raw),
         "", "## Expert implementations (`benchmarks/expert_impl.py`, one thread)", "",
         "| dtype | shape | loop ms | grouped_mm ms | products alone ms | faster |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -304,8 +375,14 @@ if __name__ == "__main__":
     p.add_argument("--quick", action="store_true")
     p.add_argument("--rebuild", metavar="RAW_JSON", help="rewrite RESULTS.md from a run's "
                    "results/all_<date>.json, with a fresh profile")
+    p.add_argument("--report", metavar="RAW_JSON", help="rewrite RESULTS.md from a run's "
+                   "results/all_<date>.json, running nothing")
+    p.add_argument("--fwd-bwd", metavar="JSON", help="with --report: benchmarks/fwd_bwd.py's "
+                   "results to report (instead of the raw file's own)")
     a = p.parse_args()
     if a.rebuild:
         rebuild(a.rebuild)
+    elif a.report:
+        report_only(a.report, a.fwd_bwd)
     else:
         main(a.quick)

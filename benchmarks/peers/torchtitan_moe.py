@@ -35,6 +35,15 @@ Caveats (torchtitan's behaviour, not this file's):
   forward re-casts the local expert weights to bf16.
 * The combine weights the expert outputs in fp32, rounds them to the token dtype,
   then ``scatter_add``s them in the token dtype (deterministic algorithms on).
+
+Training (``train=True``, for ``benchmarks/fwd_bwd.py``): with the
+"partial_dtensor" backend the dispatcher's token exchanges are
+``torch.distributed._functional_collectives.all_to_all_single``, which in the
+torch installed here (2.13) has an autograd formula (``register_autograd`` on
+``_c10d_functional::all_to_all_single`` in that module: the all-to-all with the
+splits swapped, then ``wait_tensor``, whose backward is the identity). So the layer
+backpropagates as torchtitan ships it; only the count exchange runs under
+``no_grad`` (integers). ``torch._grouped_mm`` has a CPU backward.
 """
 
 from __future__ import annotations
@@ -68,7 +77,8 @@ def available() -> str | None:
 
 
 def make_torchtitan_ep(hidden_size: int, intermediate_size: int, num_experts: int, top_k: int,
-                       dtype: torch.dtype, weights: dict[str, torch.Tensor], rank: int, world: int):
+                       dtype: torch.dtype, weights: dict[str, torch.Tensor], rank: int, world: int,
+                       train: bool = False):
     """torchtitan's MoE with all-to-all expert parallelism over all ``world`` ranks.
 
     ``weights`` are the FULL weights, nn.Linear orientation: ``router_weight``
@@ -76,6 +86,12 @@ def make_torchtitan_ep(hidden_size: int, intermediate_size: int, num_experts: in
     rank keeps experts ``rank * E/world`` to ``(rank + 1) * E/world - 1``.
     Returns ``forward(x[T, H]) -> [T, H]`` for this rank's own tokens (collective:
     every rank must call it, T may differ between ranks).
+
+    ``train=True``: the router and this rank's experts require gradients, the module
+    is in ``train()`` mode (it then counts tokens per expert, as in training) and
+    forward records the graph; the returned function also carries ``params``,
+    ``local_experts`` (global ids) and ``grads()``: ``router_weight [E, H]`` (this
+    rank's tokens' part), ``w_gate``/``w_up`` ``[e, F, H]``, ``w_down [e, H, F]``.
     """
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -121,9 +137,9 @@ def make_torchtitan_ep(hidden_size: int, intermediate_size: int, num_experts: in
         experts.w1_EFD.copy_(weights["w_gate"][lo:hi])  # silu branch
         experts.w3_EFD.copy_(weights["w_up"][lo:hi])
         experts.w2_EDF.copy_(weights["w_down"][lo:hi])
-    moe = moe.to(dtype).eval()
+    moe = moe.to(dtype).train(train)
     for p in moe.parameters():
-        p.requires_grad_(False)
+        p.requires_grad_(train)
     # fp32 softmax / top-k / renormalisation on the (token-dtype) logits, as Mixtral.
     moe.router.gate.register_forward_hook(lambda mod, args, out: out.float())
 
@@ -131,10 +147,17 @@ def make_torchtitan_ep(hidden_size: int, intermediate_size: int, num_experts: in
     moe.routed_experts.token_dispatcher.wire_meshes(ep_mesh=mesh)
 
     def forward(x_TH: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.set_grad_enabled(train and torch.is_grad_enabled()), \
+                warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*CPU autocast.*")
             warnings.filterwarnings("ignore", message="In CPU autocast.*")
             return moe(x_TH.to(dtype).unsqueeze(0)).squeeze(0)
 
     forward.module = moe  # for inspection
+    if train:
+        gate = moe.router.gate.weight
+        forward.params = [gate, experts.w1_EFD, experts.w3_EFD, experts.w2_EDF]
+        forward.local_experts = tuple(range(lo, hi))
+        forward.grads = lambda: {"router_weight": gate.grad, "w_gate": experts.w1_EFD.grad,
+                                 "w_up": experts.w3_EFD.grad, "w_down": experts.w2_EDF.grad}
     return forward

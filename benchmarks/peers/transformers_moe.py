@@ -36,6 +36,15 @@ Two builders, both taking FULL weights in nn.Linear orientation::
   ``tp_size == ep_size`` every rank must hold the SAME batch (``"auto"`` then picks
   ``AllReduceEP``: every rank runs its experts on the whole batch and all-reduces;
   ``"all_to_all"`` slices the shared batch over TP and all-gathers the outputs).
+
+  ``train=True`` makes it trainable, for ``benchmarks/fwd_bwd.py``: the router and the
+  local experts require gradients and forward records the graph. ``AllToAllEP``
+  differentiates as it is: its token and result exchanges are
+  ``torch.distributed._functional_collectives.all_to_all_single_autograd`` (backward:
+  the all-to-all with the splits swapped), ``_WaitTensor`` has an identity backward,
+  and the experts read their local shards through ``DTensor.to_local()``
+  (differentiable: the gradient lands in the DTensor parameter's ``.grad``, sharded
+  the same way). Only the count exchange runs outside autograd (integers).
 """
 
 from __future__ import annotations
@@ -80,14 +89,14 @@ def _gate_up(weights, experts: slice | None = None) -> torch.Tensor:
     return torch.cat([weights["w_gate"][sel], weights["w_up"][sel]], dim=1)
 
 
-def _param(t: torch.Tensor, dtype) -> torch.nn.Parameter:
-    return torch.nn.Parameter(t.to(dtype).contiguous(), requires_grad=False)
+def _param(t: torch.Tensor, dtype, train: bool = False) -> torch.nn.Parameter:
+    return torch.nn.Parameter(t.to(dtype).contiguous(), requires_grad=train)
 
 
-def _as_2d_forward(block, hidden_size, dtype):
+def _as_2d_forward(block, hidden_size, dtype, train: bool = False):
     def forward(x: torch.Tensor) -> torch.Tensor:
         # MixtralSparseMoeBlock.forward wants [batch, seq, H]
-        with torch.no_grad():
+        with torch.set_grad_enabled(train and torch.is_grad_enabled()):
             return block(x.to(dtype).reshape(1, -1, hidden_size)).reshape(-1, hidden_size)
 
     forward.block = block
@@ -118,7 +127,7 @@ def make_transformers_block(hidden_size, intermediate_size, num_experts, top_k, 
 @torch.no_grad()
 def make_transformers_ep(hidden_size, intermediate_size, num_experts, top_k, dtype,
                          weights, rank: int, world: int, implementation: str = "grouped_mm",
-                         ep_implementation: str = "all_to_all"):
+                         ep_implementation: str = "all_to_all", train: bool = False):
     """transformers' own expert parallelism (``apply_expert_parallelism`` with
     ``ep_implementation="all_to_all"``) applied to a Mixtral MoE block over all
     ``world`` ranks of the default (gloo) group. Each rank holds only its
@@ -128,7 +137,14 @@ def make_transformers_ep(hidden_size, intermediate_size, num_experts, top_k, dty
     number of times (an empty x is allowed).
 
     ``implementation`` is the experts implementation each rank runs on the tokens it
-    received (default "grouped_mm", what ``from_pretrained`` picks by default)."""
+    received (default "grouped_mm", what ``from_pretrained`` picks by default).
+
+    ``train=True``: the router and this rank's experts require gradients, forward
+    records the graph (the block in ``train()`` mode), and the returned function
+    also carries ``params`` (the tensors whose ``.grad`` backward fills),
+    ``local_experts`` (their global ids) and ``grads()``: ``router_weight [E, H]``
+    (this rank's tokens' part), ``w_gate``/``w_up`` ``[e, F, H]``, ``w_down [e, H, F]``
+    (this rank's experts, every rank's tokens), or None where backward left none."""
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor, Shard
     from transformers.distributed import DistributedConfig
@@ -186,11 +202,24 @@ def make_transformers_ep(hidden_size, intermediate_size, num_experts, top_k, dty
             # clone: a slice of the caller's full tensor would keep all experts' storage alive
             DTensor.from_local(full.to(dtype).clone(), ep_mesh, [Shard(0)], run_check=False,
                                shape=meta.shape, stride=meta.stride()),
-            requires_grad=False,
+            requires_grad=train,
         )
     # The router stays whole on every rank (no FSDP): a replicated [E, H] weight, as in epmoe.
-    block.gate.weight = _param(weights["router_weight"], dtype)
-    block.eval()
-    forward = _as_2d_forward(block, hidden_size, dtype)
+    block.gate.weight = _param(weights["router_weight"], dtype, train)
+    block.train(train)
+    forward = _as_2d_forward(block, hidden_size, dtype, train)
     forward.ep_mesh = ep_mesh
+    if train:
+        forward.params = [block.gate.weight, experts.gate_up_proj, experts.down_proj]
+        forward.local_experts = tuple(range(mine.start, mine.stop))
+
+        def grads() -> dict[str, torch.Tensor | None]:
+            gu, down = experts.gate_up_proj.grad, experts.down_proj.grad  # DTensors, Shard(0)
+            gu = None if gu is None else gu.to_local()
+            return {"router_weight": block.gate.weight.grad,
+                    "w_gate": None if gu is None else gu[:, :intermediate_size],
+                    "w_up": None if gu is None else gu[:, intermediate_size:],
+                    "w_down": None if down is None else down.to_local()}
+
+        forward.grads = grads
     return forward

@@ -18,6 +18,7 @@ COMMANDS = {
     "bench": "benchmark the MoE layer: presets, modes, dtypes, dispatch backends",
     "check": "check the EP layer against the reference on this world (also across hosts)",
     "eplb": "simulate expert placement (EPLB) for a deployment: balance and memory per rank",
+    "train": "train a small MoE model expert-parallel: AdamW, checkpoints per rank, resume",
 }
 
 

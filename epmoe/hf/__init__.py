@@ -4,6 +4,7 @@ from .checkpoint import CheckpointError, CheckpointReader
 from .families import FAMILIES, Family, family_of
 from .loading import EPMoEBlock, from_pretrained, moe_config_of
 from .lockstep import Lockstep
+from .saving import save_pretrained
 
 __all__ = [
     "FAMILIES",
@@ -15,4 +16,5 @@ __all__ = [
     "family_of",
     "from_pretrained",
     "moe_config_of",
+    "save_pretrained",
 ]

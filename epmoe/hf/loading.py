@@ -85,6 +85,14 @@ def from_pretrained(
     ``dict(num_redundant_experts=8, load_window=64, all2all_backend="low_latency",
     max_tokens_per_rank=512)``; a rank then reads from the checkpoint every expert its
     slots hold, copies included. ``model.epmoe.rebalance()`` re-places every block.
+    ``dict(score_correction_bias=True, bias_update_rate=1e-3)`` gives a family without
+    DeepSeek-V3's bias (Mixtral, Qwen, OLMoE) one for bias balancing: 0 to start (the
+    routing is the family's). A checkpoint that :func:`epmoe.hf.save_pretrained` wrote
+    with such a bias is loaded with it, and routes with it, without being asked
+    (transformers' own class has no such bias and ignores the tensor).
+
+    Training: the model is returned in eval mode; call ``model.train()``, and
+    :func:`epmoe.training.average_gradients` after each backward.
     """
     from transformers import GenerationConfig
 
@@ -158,6 +166,10 @@ def _build_and_load(path: Path, state: ParallelState, hf_config, family: Family,
     if moe_options.get("parallelism", "expert") != "expert":
         raise ValueError("moe_options: from_pretrained loads the experts expert-parallel; "
                          "parallelism='tensor' is for the layer itself (demo.py --compare)")
+    if "score_correction_bias" not in family_fields and \
+            _saved_bias(reader, family, len(model.get_decoder().layers)):
+        # epmoe's save of a model trained with bias balancing: route with that bias
+        moe_options.setdefault("score_correction_bias", True)
     try:
         moe_cfg = moe_cfg.replace(**moe_options)
     except TypeError as e:  # an unknown field
@@ -175,13 +187,21 @@ def _build_and_load(path: Path, state: ParallelState, hf_config, family: Family,
 
     _rebuild_meta_buffers(model, state.device)
     _load_dense(model, reader, state.device, _fp32_patterns(model, dtype))
+    native_bias = bool(family.moe_fields(hf_config).get("score_correction_bias"))
     for i, moe in blocks.items():
-        _load_moe_block(reader, family, i, moe)
+        _load_moe_block(reader, family, i, moe, native_bias)
     if getattr(hf_config, "tie_word_embeddings", False):
         model.tie_weights()
     _check_nothing_on_meta(model, path)
     reader.close()
     return model, blocks
+
+
+def _saved_bias(reader: CheckpointReader, family: Family, num_layers: int) -> bool:
+    """The checkpoint has a score correction bias on a family without one: written by
+    :func:`epmoe.hf.save_pretrained` after bias balancing (transformers ignores it)."""
+    return any(f"model.layers.{i}.{p}.{family.router}.e_score_correction_bias" in reader
+               for i in range(num_layers) for p in family.prefixes)
 
 
 def _agree(state: ParallelState, error: BaseException | None, what: str) -> None:
@@ -271,8 +291,10 @@ def _runs(ids: tuple[int, ...]) -> list[tuple[int, int, int]]:
 
 @torch.no_grad()
 def _load_moe_block(reader: CheckpointReader, family: Family, layer: int,
-                    moe: ExpertParallelMoE) -> None:
-    """The router, shared expert and this rank's routed experts of one MoE block."""
+                    moe: ExpertParallelMoE, native_bias: bool = True) -> None:
+    """The router, shared expert and this rank's routed experts of one MoE block.
+    ``native_bias``: the family has a score correction bias (else one set by
+    ``moe_options``, read when the checkpoint has it, from epmoe's own save)."""
     c = moe.config
     E, H, Fi = c.num_experts, c.hidden_size, c.intermediate_size
     candidates = [f"model.layers.{layer}.{p}" for p in family.prefixes]
@@ -285,7 +307,11 @@ def _load_moe_block(reader: CheckpointReader, family: Family, layer: int,
     if c.router_bias:
         moe.router_bias.copy_(reader.read(f"{r}.bias", (E,)))
     if c.score_correction_bias:
-        moe.score_correction_bias.copy_(reader.read(f"{r}.e_score_correction_bias", (E,)))
+        name = f"{r}.e_score_correction_bias"
+        if name in reader or native_bias:
+            moe.score_correction_bias.copy_(reader.read(name, (E,)))
+        else:  # asked for by moe_options (bias balancing): starts at 0, routing unchanged
+            moe.score_correction_bias.zero_()
     if c.shared_intermediate_size:
         s, Fs = f"{prefix}.{family.shared_prefix}", c.shared_intermediate_size
         moe.shared_gate.copy_(reader.read(f"{s}.gate_proj.weight", (Fs, H)))
