@@ -4,7 +4,7 @@
     python benchmarks/run_all.py --quick    # fewer repetitions and cases, for a smoke run
     python benchmarks/run_all.py --rebuild benchmarks/results/all_<date>.json
     python benchmarks/run_all.py --report benchmarks/results/all_<date>.json \
-        --fwd-bwd benchmarks/results/fwd_bwd.json   # RESULTS.md from saved results only
+        --fwd-bwd benchmarks/results/fwd_bwd.json [more runs]  # from saved results only
 
 Needs the ``bench`` extra (transformers' EP needs accelerate) and, for the
 torchtitan peer, ``pip install --no-deps torchtitan==0.3.0 spmd_types==0.2.3
@@ -136,14 +136,18 @@ def rebuild(raw_json: str) -> None:
     print(f"wrote {HERE / 'RESULTS.md'}")
 
 
-def report_only(raw_json: str, fwd_bwd_json: str | None) -> None:
+def report_only(raw_json: str, fwd_bwd_json: list[str] | None) -> None:
     """RESULTS.md again from saved results, running nothing (``--rebuild`` reruns the
     profile): a run's raw figures, and ``benchmarks/fwd_bwd.py``'s results where the raw
-    file has none or another is named. The saved files are left as they are."""
+    file has none or others are named (the first reported in full, the others as repeats:
+    their ratios only). The saved files are left as they are."""
     raw = json.loads(Path(raw_json).read_text())
     if fwd_bwd_json:
-        raw["fwd_bwd"] = json.loads(Path(fwd_bwd_json).read_text())
-        raw["fwd_bwd_source"] = Path(fwd_bwd_json).name
+        first, *repeats = fwd_bwd_json
+        raw["fwd_bwd"] = json.loads(Path(first).read_text())
+        raw["fwd_bwd_source"] = Path(first).name
+        raw["fwd_bwd_repeats"] = {Path(f).name: json.loads(Path(f).read_text())
+                                  for f in repeats}
     (HERE / "RESULTS.md").write_text(report(raw, f"bench_{raw['date']}.png"))
     print(f"wrote {HERE / 'RESULTS.md'}")
 
@@ -233,12 +237,12 @@ def targets(raw: dict) -> list[str]:
             if any(n.startswith(peer) for n in ms):
                 pn, pv = best(ms, peer)
                 ratios.append(pv / ours)
-                parts.append(f"{pv / ours:.2f}x than {pn} ({_ms(pv)} ms)")
+                parts.append(f"{pv / ours:.2f}x ({pn} {_ms(pv)} ms)")
             else:
                 parts.append(f"{peer} not timed (see its section)")
         met = "n/a" if len(ratios) < 2 else "yes" if min(ratios) >= 1.3 else "no"
         rows.append(f"| fwd+bwd 2048/rank: >= 1.3x faster than transformers EP and torchtitan "
-                    f"EP | {'; '.join(parts)}; {name} {_ms(ours)} ms | {met} |")
+                    f"EP | {', '.join(parts)} against {name} {_ms(ours)} ms | {met} |")
     lowp = [r for r in raw["low_precision"] if r["dtype"] == "bfloat16"]
     exact = next((r for r in lowp if r["dispatch_dtype"] is None), None)
     fp8 = next((r for r in lowp if r["dispatch_dtype"] == "float8_e4m3"), None)
@@ -305,7 +309,16 @@ def fwd_bwd_tables(raw: dict) -> list[str]:
         for n, ok in r["passed"].items():
             if not ok:
                 out.append(f"| {n} | failed its check, not timed | | | |")
-        out += check_table(r).lstrip("\n").split("\n")
+        for name, rep in raw.get("fwd_bwd_repeats", {}).items():
+            again = next((q for q in rep if q["tokens_per_rank"] == r["tokens_per_rank"]), None)
+            if again is None:
+                continue
+            fb2 = again["fwd_bwd_ms"]
+            best2 = min(v for n, v in fb2.items() if n.startswith("epmoe"))
+            out += ["", f"Repeat run (`results/{name}`), fwd+bwd relative to the fastest epmoe: "
+                    + ", ".join(f"{n} {v / best2:.2f}x ({_ms(v)} ms)"
+                                for n, v in sorted(fb2.items(), key=lambda kv: kv[1])) + "."]
+        out += [""] + check_table(r).lstrip("\n").split("\n")
     return out
 
 
@@ -377,8 +390,9 @@ if __name__ == "__main__":
                    "results/all_<date>.json, with a fresh profile")
     p.add_argument("--report", metavar="RAW_JSON", help="rewrite RESULTS.md from a run's "
                    "results/all_<date>.json, running nothing")
-    p.add_argument("--fwd-bwd", metavar="JSON", help="with --report: benchmarks/fwd_bwd.py's "
-                   "results to report (instead of the raw file's own)")
+    p.add_argument("--fwd-bwd", metavar="JSON", nargs="+", help="with --report: "
+                   "benchmarks/fwd_bwd.py's results to report instead of the raw file's own "
+                   "(the first in full, the others as repeat runs)")
     a = p.parse_args()
     if a.rebuild:
         rebuild(a.rebuild)

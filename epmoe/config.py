@@ -25,6 +25,7 @@ DISPATCH_DTYPES = (None, "bfloat16", "float8_e4m3")
 NONFINITE = ("raise", "propagate")
 PARALLELISMS = ("expert", "tensor")
 TP_TOKENS = ("own", "replicated")
+DROP_POLICIES = ("probs", "position")  # (epmoe.capacity)
 
 # Names accepted for `dtype`, besides a torch.dtype itself.
 _DTYPES = {
@@ -117,6 +118,13 @@ class MoEConfig:
     #   most this many tokens per rank (all ranks take the same number of chunks), which
     #   bounds the rows a rank receives, however the tokens route, to G * max_chunk_tokens
 
+    capacity_factor: float = 0.0  # 0: dropless (default). > 0: each rank sends at most
+    #   ceil(capacity_factor * T * top_k / num_experts) of its (token, choice) pairs to each
+    #   expert (its copies share them) and drops the rest (epmoe.capacity), so an expert
+    #   computes at most ep_size times that many rows whatever the routing
+    drop_policy: str = "probs"  # with capacity_factor: keep an expert's pairs of the largest
+    #   routing weights ("probs", Megatron's default) or the first in token order ("position")
+
     # --- load balancing (epmoe.eplb, epmoe.rebalance) ---
     load_window: int = 0  # > 0: keep the group-wide tokens per expert of the last this many
     #   forwards (layer.load, for load balancing; one all-reduce of [E] counts per forward)
@@ -169,6 +177,15 @@ class MoEConfig:
         _check_choice("nonfinite", self.nonfinite, NONFINITE)
         _check_choice("parallelism", self.parallelism, PARALLELISMS)
         _check_choice("tp_tokens", self.tp_tokens, TP_TOKENS)
+        _check_choice("drop_policy", self.drop_policy, DROP_POLICIES)
+        cf = self.capacity_factor
+        if isinstance(cf, bool) or not isinstance(cf, int | float) or not cf >= 0:
+            raise ValueError(f"MoEConfig.capacity_factor must be a number >= 0 (0: dropless), "
+                             f"got {cf!r}")
+        if cf and (self.parallelism == "tensor" or self.batch_invariant):
+            raise ValueError("MoEConfig.capacity_factor > 0 drops pairs by what else is in the "
+                             "batch: not with batch_invariant=True, nor parallelism='tensor' "
+                             "(every expert local); set capacity_factor=0")
         if self.parallelism == "tensor":
             used = [n for n in ("num_redundant_experts", "rebalance_interval", "load_window")
                     if getattr(self, n)]

@@ -81,9 +81,8 @@ def gated_activation(config: MoEConfig) -> GLU:
 def expert_mlp(x_MH: Tensor, w_gate_up_2FH: Tensor, w_down_HF: Tensor, glu: GLU,
                b_gate_up: Tensor | None = None, b_down: Tensor | None = None) -> Tensor:
     """One gated-MLP expert: ``down(glu(gate(x), up(x)))`` -> ``[M, H]``."""
-    Fi = w_down_HF.shape[1]
-    gu_M2F = F.linear(x_MH, w_gate_up_2FH, b_gate_up)
-    return F.linear(glu(gu_M2F[:, :Fi], gu_M2F[:, Fi:]), w_down_HF, b_down)
+    gate_MF, up_MF = F.linear(x_MH, w_gate_up_2FH, b_gate_up).chunk(2, dim=1)
+    return F.linear(glu(gate_MF, up_MF), w_down_HF, b_down)
 
 
 # --------------------------------------------------------------------------- init
@@ -263,15 +262,77 @@ def run_experts(x_MH: Tensor, counts: list[int], experts: ExpertWeights, glu: GL
                              out=out[start : start + n])
             start += n
         return out
-    outs, start = [], 0
-    for i, n in enumerate(counts):  # loop over experts, not tokens
-        # Empty slices run too: every rank's graph then has the same shape, so
-        # every rank joins the same collectives in backward (see all_to_all_v).
-        biases = [None if b is None else b[i] for b in experts[2:]]
-        outs.append(expert_mlp(x_MH[start : start + n], experts.w_gate_up[i], experts.w_down[i],
-                               glu, *biases))
-        start += n
-    return torch.cat(outs)
+    if experts.b_gate_up is None and experts.b_down is None:  # (no biases: one node)
+        return _ExpertLoop.apply(x_MH, experts.w_gate_up, experts.w_down, counts, glu)
+    # Under autograd: the stacks unbound and the rows split once (not indexed per expert),
+    # so that the backward assembles each stacked gradient in one pass, instead of
+    # zero-filling and adding one full-size gradient per expert (a third of the backward).
+    e = len(counts)
+    none = [None] * e
+    parts = zip(x_MH.split(counts), experts.w_gate_up.unbind(0), experts.w_down.unbind(0),
+                *[none if b is None else b.unbind(0) for b in experts[2:]], strict=True)
+    # Empty splits run too: every rank's graph then has the same shape, so every rank
+    # joins the same collectives in backward (see all_to_all_v).
+    return torch.cat([expert_mlp(x, wgu, wd, glu, bgu, bd)  # loop over experts, not tokens
+                      for x, wgu, wd, bgu, bd in parts])
+
+
+class _ExpertLoop(torch.autograd.Function):
+    """The loop of expert MLPs (no biases) as one autograd node.
+
+    Forward: a product per expert into one ``[M, 2F]`` and one ``[M, H]`` buffer.
+    Backward: per expert, the products of the input and weight gradients written
+    straight into the stacked gradients (``out=``), the activation's derivative by
+    autograd on the saved gate/up rows. The generic loop's backward instead
+    zero-fills and adds a full-size stacked gradient per expert, and assembles the
+    row gradients from splits: with it, a third of the backward was not products
+    (``benchmarks/fwd_bwd.py``). The same products in the same dtype: the same
+    gradients. Not twice differentiable."""
+
+    @staticmethod
+    def forward(ctx, x_MH, w_gate_up_e2FH, w_down_eHF, counts, glu):
+        M, H, Fi = x_MH.shape[0], w_down_eHF.shape[1], w_down_eHF.shape[2]
+        gu_M2F = x_MH.new_empty((M, 2 * Fi))
+        out_MH = x_MH.new_empty((M, H))
+        start = 0
+        for i, n in enumerate(counts):
+            if n:
+                rows = slice(start, start + n)
+                torch.matmul(x_MH[rows], w_gate_up_e2FH[i].T, out=gu_M2F[rows])
+                gate, up = gu_M2F[rows].chunk(2, dim=1)
+                torch.matmul(glu(gate, up), w_down_eHF[i].T, out=out_MH[rows])
+            start += n
+        ctx.save_for_backward(x_MH, w_gate_up_e2FH, w_down_eHF, gu_M2F)
+        ctx.counts, ctx.glu = list(counts), glu
+        return out_MH
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_MH):
+        x_MH, w_gu, w_d, gu_M2F = ctx.saved_tensors
+        need_x, need_gu, need_d = ctx.needs_input_grad[:3]
+        g_MH = g_MH.contiguous()
+        dx = torch.empty_like(x_MH) if need_x else None  # (every row is some expert's)
+        dw_gu = torch.zeros_like(w_gu) if need_gu else None  # (an expert without rows: 0)
+        dw_d = torch.zeros_like(w_d) if need_d else None
+        start = 0
+        for i, n in enumerate(ctx.counts):
+            if not n:
+                continue
+            rows = slice(start, start + n)
+            start += n
+            with torch.enable_grad():
+                gu = gu_M2F[rows].detach().requires_grad_(True)
+                act_MF = ctx.glu(*gu.chunk(2, dim=1))
+            if need_d:
+                torch.matmul(g_MH[rows].T, act_MF.detach(), out=dw_d[i])
+            if need_x or need_gu:
+                (d_gu,) = torch.autograd.grad(act_MF, gu, g_MH[rows] @ w_d[i])
+                if need_gu:
+                    torch.matmul(d_gu.T, x_MH[rows], out=dw_gu[i])
+                if need_x:
+                    torch.matmul(d_gu, w_gu[i], out=dx[rows])
+        return dx, dw_gu, dw_d, None, None
 
 
 def weigh(y_MH: Tensor, w_M: Tensor, in_fp32: bool,

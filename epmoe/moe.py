@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .balance import loss_share_over_group, router_probs, update_bias_over_group, z_loss_share
+from .capacity import capacity_keep, expert_capacity
 from .checks import check_finite, check_input, check_same_config
 from .collectives import all_reduce_sum
 from .config import MoEConfig, optional_weight_shapes
@@ -126,9 +127,15 @@ class ExpertParallelMoE(nn.Module):
                                                                        dtype=dtype)))
         # Lookup tables of the placement, [P] each (rank and row of every slot); not
         # weights, so not in state_dict. Updated in place by rebalance().
-        self.register_buffer("owner", self.expert_map.owner_tensor(dev), persistent=False)
-        self.register_buffer("local_index", self.expert_map.local_index_tensor(dev),
+        # With a capacity (epmoe.capacity), one more slot past the end takes the dropped
+        # pairs: it belongs to no rank (owner ep_size), so they do not travel.
+        drop = [state.ep_size] if config.capacity_factor else []
+        self.register_buffer("owner", torch.tensor([*self.expert_map.owner, *drop],
+                                                   dtype=torch.long, device=dev),
                              persistent=False)
+        self.register_buffer("local_index", torch.tensor(
+            [*self.expert_map.local_index, *[-1] * len(drop)], dtype=torch.long, device=dev),
+            persistent=False)
         self._use_map(self.expert_map)
         self.dispatcher = make_dispatcher(config, state, self.owner, self.local_index)
         self.dispatcher.where = f"the dispatch of {name}"
@@ -144,6 +151,7 @@ class ExpertParallelMoE(nn.Module):
         self._balancing = bool(config.aux_loss_coef or config.z_loss_coef)
         self.aux_loss: Tensor | None = None
         self._bias_counts_E = torch.zeros(config.num_experts, dtype=torch.int64, device=dev)
+        self.dropped = torch.zeros((), dtype=torch.int64, device=dev)  # (capacity_factor)
         self.peak_rows = 0  # most rows this rank received in one round (bounded by chunking)
         impl = config.expert_impl
         self.expert_impl = choose_expert_impl(dev, dt) if impl == "auto" else impl
@@ -163,8 +171,9 @@ class ExpertParallelMoE(nn.Module):
         dev = self.owner.device
         self.expert_map = m
         self._local_experts = m.experts_on(self.state.ep_rank)
-        self.owner.copy_(m.owner_tensor(dev))  # in place: the dispatcher holds these
-        self.local_index.copy_(m.local_index_tensor(dev))
+        P = m.num_slots  # (after them, the slot of dropped pairs, if any)
+        self.owner[:P].copy_(m.owner_tensor(dev))  # in place: the dispatcher holds these
+        self.local_index[:P].copy_(m.local_index_tensor(dev))
         # Expert ids -> slot ids, unless they are the same (no copies, slot e = expert e).
         self._replicas = None if m.identity else m.replica_tables(dev)
 
@@ -319,6 +328,8 @@ class ExpertParallelMoE(nn.Module):
         self._load_E = torch.zeros(c.num_experts, dtype=torch.int64, device=x_TH.device) \
             if counting else None
         self._probs_E = self._z = None  # (sums over this rank's tokens, with gradients)
+        # (token, choice) pairs this rank dropped in this forward (capacity_factor > 0)
+        self.dropped = torch.zeros((), dtype=torch.int64, device=x_TH.device)
         with self._guard("forward"):  # (names where this rank is, between the phases)
             while True:  # until no rank has tokens left
                 end = min(start + step, T)
@@ -362,6 +373,8 @@ class ExpertParallelMoE(nn.Module):
                 z = z_loss_share(logits_TE, 1)  # sum of logsumexp^2
                 self._z = z if self._z is None else self._z + z
         slots_TK = self._slots(ids_TK)  # the dispatch sees slot ids from here on
+        if c.capacity_factor:  # drop the pairs over an expert's capacity (epmoe.capacity)
+            weights_TK, slots_TK = self._drop(weights_TK, ids_TK, slots_TK)
         timer.lap("router")
         if c.overlap_microbatches and not self.collect_stats:
             y_TH, more = self._two_microbatches(x_TH, weights_TK, slots_TK, error, more)
@@ -373,6 +386,17 @@ class ExpertParallelMoE(nn.Module):
                                             s.ep_size, len(self.local_experts), wire, counts,
                                             local_ids_NK, timer.seconds)
         return y_TH, more
+
+    def _drop(self, weights_TK: Tensor, ids_TK: Tensor,
+              slots_TK: Tensor) -> tuple[Tensor, Tensor]:
+        """Weights and slots without the pairs over their expert's capacity (the copies of
+        an expert share its capacity); a dropped pair gets weight 0 and slot P."""
+        c = self.config
+        keep_TK = capacity_keep(weights_TK, ids_TK, c.num_experts, expert_capacity(
+            ids_TK.shape[0], c.top_k, c.num_experts, c.capacity_factor), c.drop_policy)
+        self.dropped += (~keep_TK).sum()  # (a tensor: no host sync)
+        return (torch.where(keep_TK, weights_TK, 0.0),
+                torch.where(keep_TK, slots_TK, c.num_physical_experts))  # no rank's slot
 
     def _guard(self, phase: str):
         s = self.state

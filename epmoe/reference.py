@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .capacity import capacity_keep, expert_capacity
 from .config import MoEConfig
 from .experts import gated_activation, init_expert, init_router, init_shared
 from .router import route
@@ -67,10 +68,16 @@ def reference_moe(
     ``score_correction_bias``, ``b_gate``, ``b_up``, ``b_down``, ``shared_gate``,
     ``shared_up``, ``shared_down``, ``shared_expert_gate``). Each expert's output
     is weighted and summed in fp32, and the sum is cast back to x's dtype; the
-    shared expert is added after, in x's dtype.
+    shared expert is added after, in x's dtype. With ``config.capacity_factor``, ``x``
+    is taken as one rank's tokens of one dispatch round (:mod:`epmoe.capacity`).
     """
     topk_w, topk_ids = route(x, router_weight, config, optional.get("router_bias"),
                              optional.get("score_correction_bias"))  # [T, k], [T, k]
+    if config.capacity_factor:  # x is one rank's tokens: its pairs over capacity are dropped
+        keep = capacity_keep(topk_w, topk_ids, config.num_experts, expert_capacity(
+            x.shape[0], config.top_k, config.num_experts, config.capacity_factor),
+            config.drop_policy)
+        topk_ids = torch.where(keep, topk_ids, -1)
     glu = gated_activation(config)
     b_gate, b_up, b_down = (optional.get(n) for n in ("b_gate", "b_up", "b_down"))
 

@@ -111,8 +111,8 @@ def forward_stats(ids_TK: Tensor, slots_TK: Tensor, owner_P: Tensor, num_experts
     per_expert = torch.bincount(ids_TK.flatten(), minlength=num_experts)
     if counts is None:
         counts = torch.bincount(local_ids_NK[local_ids_NK >= 0], minlength=num_local).tolist()
-    hits = torch.zeros((T, ep_size), dtype=torch.bool, device=ids_TK.device)
-    hits.scatter_(1, owner_P[slots_TK], True)
+    hits = torch.zeros((T, ep_size + 1), dtype=torch.bool, device=ids_TK.device)
+    hits = hits.scatter_(1, owner_P[slots_TK], True)[:, :ep_size]  # (ep_size: dropped pairs)
     return MoEStats(
         tokens=T,
         tokens_per_expert=per_expert.tolist(),

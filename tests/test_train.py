@@ -29,7 +29,8 @@ def _save_worker(src: str, dst: str, options: dict) -> dict:
     with torch.no_grad():  # a trained bias, not the zeros it starts from
         for layer in model.epmoe.layers:
             if layer.config.score_correction_bias:
-                layer.score_correction_bias.copy_(torch.linspace(-0.2, 0.3, layer.config.num_experts))
+                E = layer.config.num_experts
+                layer.score_correction_bias.copy_(torch.linspace(-0.2, 0.3, E))
     save_pretrained(model, dst, state)
     with torch.no_grad(), model.epmoe.session():
         logits = model(IDS).logits

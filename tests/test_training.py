@@ -9,7 +9,7 @@ from multiproc import run_ranks
 from torch import nn
 
 import epmoe
-from epmoe.training import average_gradients
+from epmoe.training import average_gradients, clip_grad_norm_
 
 H = 16
 CFG = dict(hidden_size=H, intermediate_size=24, num_experts=4, top_k=2,
@@ -48,8 +48,11 @@ def _worker(ep_size: int) -> dict:
     loss = (y * probe).sum() / max(x.shape[0], 1)  # this rank's mean, as under DDP
     loss.backward()
     average_gradients(model, state)
-    return dict(grads={n: p.grad.clone() for n, p in model.named_parameters()},
-                local=model.moe.local_experts)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    norm = clip_grad_norm_(model, state, float("inf"))  # the norm, nothing clipped
+    clipped_norm = clip_grad_norm_(model, state, 0.5 * float(norm))
+    return dict(grads=grads, local=model.moe.local_experts, norm=norm, clipped_norm=clipped_norm,
+                clipped={n: p.grad.clone() for n, p in model.named_parameters()})
 
 
 @pytest.mark.parametrize("world,ep_size", [(2, 2), (4, 2), (3, 3)])
@@ -76,9 +79,16 @@ def test_average_gradients_equals_the_mean_loss(world, ep_size):
         assert torch.allclose(got, exp, rtol=1e-5, atol=1e-7), \
             f"{what}: max error {(got - exp).abs().max():.3g}"
 
+    want_norm = torch.cat([g.reshape(-1) for g in want.values()]).norm()
     for r, got in enumerate(ranks):
+        # clip_grad_norm_: the whole model's norm over the ranks, each weight once
+        close(got["norm"], want_norm, f"rank {r} gradient norm")
+        close(got["clipped_norm"], want_norm, f"rank {r} gradient norm (second call)")
+        scale = 0.5 * float(got["norm"]) / (float(got["norm"]) + 1e-6)
         for n, g in got["grads"].items():
             if n in ("moe.w_gate_up", "moe.w_down"):  # this rank's experts only
                 close(g, want[n][list(got["local"])], f"rank {r} {n}")
+                close(got["clipped"][n], scale * want[n][list(got["local"])], f"clipped {n}")
             else:  # replicated: the same averaged gradient on every rank
                 close(g, want[n], f"rank {r} {n}")
+                close(got["clipped"][n], scale * want[n], f"rank {r} clipped {n}")

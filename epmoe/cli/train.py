@@ -15,6 +15,8 @@ global gradient-norm clipping, AdamW, DeepSeek-V3's bias update when asked for.
 Balancing, each off by default: ``--aux-loss-coef`` (Switch/GShard), ``--z-loss-coef``
 (router z-loss), ``--bias-update-rate`` (auxiliary-loss-free, a per-expert bias added
 to the scores only to choose; Mixtral, Qwen and OLMoE get one, starting at 0).
+``--capacity-factor`` bounds the rows per expert by dropping pairs (:mod:`epmoe.capacity`;
+the history counts the dropped pairs of this rank per step).
 
 Checkpoints, ``OUT/checkpoints/step-NNNNNN/`` every ``--save-every`` steps and at
 the end: the model as a sharded Hugging Face checkpoint in which each rank wrote only
@@ -51,8 +53,8 @@ EXPERTS_FIELD = {"mixtral": "num_local_experts", "qwen3_moe": "num_experts",
                  "deepseek_v3": "n_routed_experts", "deepseek_v2": "n_routed_experts"}
 # Arguments that must be the same to resume (the others: how long, where, what to show).
 RUN_ARGS = ("family", "model", "experts", "text", "batch_size", "seq_len", "lr", "warmup",
-            "weight_decay", "clip", "aux_loss_coef", "z_loss_coef", "bias_update_rate", "seed",
-            "dtype", "backend", "steps_schedule")
+            "weight_decay", "clip", "aux_loss_coef", "z_loss_coef", "bias_update_rate",
+            "capacity_factor", "seed", "dtype", "backend", "steps_schedule")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -74,6 +76,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aux-loss-coef", type=float, default=0.0)
     p.add_argument("--z-loss-coef", type=float, default=0.0)
     p.add_argument("--bias-update-rate", type=float, default=0.0)
+    p.add_argument("--capacity-factor", type=float, default=0.0,
+                   help="drop pairs over an expert's capacity (epmoe.capacity; 0: dropless)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
     p.add_argument("--backend", default="alltoall",
@@ -93,7 +97,7 @@ def _check_args(a: dict) -> None:
         if a[name] < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {a[name]}")
     for name in ("lr", "weight_decay", "clip", "aux_loss_coef", "z_loss_coef",
-                 "bias_update_rate", "warmup"):
+                 "bias_update_rate", "capacity_factor", "warmup"):
         if not a[name] >= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {a[name]}")
     if a["steps_schedule"] is not None and a["steps_schedule"] < 1:
@@ -114,14 +118,16 @@ def main(out: str, family: str = "mixtral", model: str | None = None, experts: i
          text: str | None = None, steps: int = 300, steps_schedule: int | None = None,
          batch_size: int = 8, seq_len: int = 64, lr: float = 3e-3, warmup: int = 20,
          weight_decay: float = 0.01, clip: float = 1.0, aux_loss_coef: float = 0.0,
-         z_loss_coef: float = 0.0, bias_update_rate: float = 0.0, seed: int = 0,
+         z_loss_coef: float = 0.0, bias_update_rate: float = 0.0,
+         capacity_factor: float = 0.0, seed: int = 0,
          dtype: str = "float32", backend: str = "alltoall", save_every: int = 100,
          resume: str | None = None, no_progress: bool = False, no_plot: bool = False,
          force_cpu: bool = False, timeout: float = 120.0) -> int:
     args = dict(family=family, model=model, experts=experts, text=text, batch_size=batch_size,
                 seq_len=seq_len, lr=lr, warmup=warmup, weight_decay=weight_decay, clip=clip,
                 aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef,
-                bias_update_rate=bias_update_rate, seed=seed, dtype=dtype, backend=backend,
+                bias_update_rate=bias_update_rate, capacity_factor=capacity_factor, seed=seed,
+                dtype=dtype, backend=backend,
                 steps_schedule=steps_schedule or steps)
     _check_args({**args, "steps": steps, "save_every": save_every})
     state = init_distributed(force_cpu=force_cpu, timeout_s=timeout)
@@ -186,7 +192,8 @@ class Trainer:
 
         a = self.args
         options = dict(all2all_backend=a["backend"], load_window=1,
-                       aux_loss_coef=a["aux_loss_coef"], z_loss_coef=a["z_loss_coef"])
+                       aux_loss_coef=a["aux_loss_coef"], z_loss_coef=a["z_loss_coef"],
+                       capacity_factor=a["capacity_factor"])
         if a["bias_update_rate"]:
             options["bias_update_rate"] = a["bias_update_rate"]
             family = family_of(AutoConfig.from_pretrained(source))
@@ -273,6 +280,7 @@ class Trainer:
         return dict(step=self.step + 1, loss=float(sums[0]) / s.world_size,
                     aux=float(sums[1]) / s.dp_size, lr=self.optimizer.param_groups[0]["lr"],
                     grad_norm=None if norm is None else float(norm),
+                    dropped=sum(int(layer.dropped) for layer in self.layers),
                     load=[layer.load.total().tolist() for layer in self.layers])
 
     # --- checkpoints ---

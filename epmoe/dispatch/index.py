@@ -14,15 +14,19 @@ __all__ = ["pack_rows", "pair_hits", "plan_dispatch"]
 
 
 def pair_hits(expert_ids_TK: Tensor, owner_E: Tensor, ep_size: int) -> Tensor:
-    """``hits_TG[t, g]``: token t has at least one of its experts on rank g.
+    """``hits_TG[t, g]``: token t has at least one of its experts on rank g. An owner of
+    ``ep_size`` (the slot of dropped pairs, ``epmoe.capacity``) is no rank.
 
     >>> pair_hits(torch.tensor([[0, 3], [1, 0]]), torch.tensor([0, 0, 1, 1]), 2)
     tensor([[ True,  True],
             [ True, False]])
+    >>> pair_hits(torch.tensor([[0, 4], [4, 4]]), torch.tensor([0, 0, 1, 1, 2]), 2)
+    tensor([[ True, False],
+            [False, False]])
     """
     T = expert_ids_TK.shape[0]
-    hits_TG = torch.zeros((T, ep_size), dtype=torch.bool, device=expert_ids_TK.device)
-    return hits_TG.scatter_(1, owner_E[expert_ids_TK], True)
+    hits_TG = torch.zeros((T, ep_size + 1), dtype=torch.bool, device=expert_ids_TK.device)
+    return hits_TG.scatter_(1, owner_E[expert_ids_TK], True)[:, :ep_size]
 
 
 def plan_dispatch(hits_TG: Tensor, n_send: int) -> tuple[Tensor, Tensor, Tensor]:
