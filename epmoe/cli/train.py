@@ -24,7 +24,9 @@ its experts (:func:`epmoe.hf.save_pretrained`; loads with ``from_pretrained`` an
 ``python -m epmoe generate`` at any EP size), the AdamW state per rank, and
 ``trainer_state.json`` (step, arguments, history) written last. ``--resume`` goes on
 from the latest (or ``--resume DIR``) with the same ranks and arguments, and gives the
-same losses as an uninterrupted run, bit for bit.
+same losses as an uninterrupted run, bit for bit. A larger ``--steps`` on resume goes on
+past the saved learning-rate schedule (``--steps-schedule``, by default the first run's
+``--steps``) at the rate of its last step (about 10% of ``--lr``).
 
 Rank 0 shows a progress bar, writes ``OUT/history.json`` (loss and tokens per expert
 of every MoE layer, per step) and ``OUT/train.png`` (loss, and per-expert load over
@@ -66,7 +68,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", default=None, help="train on windows of this file (default: sums)")
     p.add_argument("--steps", type=int, default=300, help="train up to this step")
     p.add_argument("--steps-schedule", type=int, default=None,
-                   help="steps of the learning-rate schedule (default: --steps)")
+                   help="steps of the learning-rate schedule (default: --steps; on --resume, "
+                        "the saved run's: past its end, the rate of its last step)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per rank and step")
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
@@ -107,7 +110,9 @@ def _check_args(a: dict) -> None:
 
 
 def learning_rate(step: int, lr: float, warmup: int, total: int) -> float:
-    """Linear warm-up to ``lr`` over ``warmup`` steps, then cosine to 10% at ``total``."""
+    """Linear warm-up to ``lr`` over ``warmup`` steps, then cosine to 10% at ``total``;
+    past ``total`` steps, the rate of the last one."""
+    step = min(step, total - 1)
     if warmup and step < warmup:
         return lr * (step + 1) / warmup
     t = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -127,13 +132,12 @@ def main(out: str, family: str = "mixtral", model: str | None = None, experts: i
                 seq_len=seq_len, lr=lr, warmup=warmup, weight_decay=weight_decay, clip=clip,
                 aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef,
                 bias_update_rate=bias_update_rate, capacity_factor=capacity_factor, seed=seed,
-                dtype=dtype, backend=backend,
-                steps_schedule=steps_schedule or steps)
+                dtype=dtype, backend=backend, steps_schedule=steps_schedule)
     _check_args({**args, "steps": steps, "save_every": save_every})
     state = init_distributed(force_cpu=force_cpu, timeout_s=timeout)
     try:
-        Trainer(state, Path(out), args, resume).run(steps, save_every, not no_progress,
-                                                    not no_plot)
+        Trainer(state, Path(out), args, resume, steps).run(steps, save_every, not no_progress,
+                                                           not no_plot)
     finally:
         destroy_distributed(state)
     return 0
@@ -142,7 +146,8 @@ def main(out: str, family: str = "mixtral", model: str | None = None, experts: i
 class Trainer:
     """One training run on this rank (see the module docstring)."""
 
-    def __init__(self, state: ParallelState, out: Path, args: dict, resume: str | None) -> None:
+    def __init__(self, state: ParallelState, out: Path, args: dict, resume: str | None,
+                 steps: int) -> None:
         from ..hf.loading import from_pretrained
         from ..text_tasks import make_task
         from ..training import load_optimizer
@@ -154,10 +159,13 @@ class Trainer:
         start = self._resume_dir(resume) if resume else None
         if start is not None:
             saved = json.loads((start / "trainer_state.json").read_text())
+            if args["steps_schedule"] is None:  # the saved run's schedule goes on
+                args["steps_schedule"] = saved["args"].get("steps_schedule")
             self._check_resumable(saved, start)
             self.step, self.history = saved["step"], saved["history"][: saved["step"]]
             source = start
         else:
+            args["steps_schedule"] = args["steps_schedule"] or steps
             source = Path(args["model"]) if args["model"] else self._write_init()
         self.source = source
         self.model = from_pretrained(source, state, dtype=self.dtype,
