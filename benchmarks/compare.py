@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 import epmoe
-from epmoe.benchmark import _empty_a2a, _floor, _floor_grouped, preset_config
+from epmoe.benchmark import _empty_a2a, _floor, _floor_grouped, preset_config, slowest_rank
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import torchtitan_moe, transformers_moe  # noqa: E402
@@ -137,11 +136,7 @@ def measure(tokens: int, reps: int, state) -> dict:
             fn()
             if i >= 2:
                 times[name].append(1e3 * (time.perf_counter() - t0))
-    med = {n: statistics.median(v) for n, v in times.items()}
-    everyone = [None] * state.world_size
-    dist.all_gather_object(everyone, med)
-    # The group's time is its slowest rank's.
-    group = {n: max(m[n] for m in everyone) for n in med}
+    group, everyone = slowest_rank(times)
     return dict(tokens_per_rank=tokens, ms=group, per_rank_ms=everyone, checks=checks,
                 passed=ok, notes=notes,
                 floor_ms=min(group["floor (loop)"], group["floor (grouped_mm)"]))

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -55,7 +54,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 import epmoe
-from epmoe.benchmark import preset_config
+from epmoe.benchmark import preset_config, slowest_rank
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import torchtitan_moe, transformers_moe  # noqa: E402
@@ -281,12 +280,10 @@ def measure(tokens: int, reps: int, state) -> dict:
             if i >= 2:
                 fwd[name].append(f)
                 fwd_bwd[name].append(fb)
-    med = {n: (statistics.median(fwd[n]), statistics.median(fwd_bwd[n])) for n in fwd}
-    everyone = [None] * state.world_size
-    dist.all_gather_object(everyone, med)
-    # The group's time is its slowest rank's.
-    fwd_ms = {n: max(m[n][0] for m in everyone) for n in med}
-    fwd_bwd_ms = {n: max(m[n][1] for m in everyone) for n in med}
+    fwd_ms, fwd_every = slowest_rank(fwd)
+    fwd_bwd_ms, fwd_bwd_every = slowest_rank(fwd_bwd)
+    everyone = [{n: (a[n], b[n]) for n in a} for a, b in zip(fwd_every, fwd_bwd_every,
+                                                            strict=True)]
     return dict(tokens_per_rank=tokens, fwd_ms=fwd_ms, fwd_bwd_ms=fwd_bwd_ms,
                 floor_fwd_ms=min(fwd_ms[n] for n in floors),
                 floor_fwd_bwd_ms=min(fwd_bwd_ms[n] for n in floors),

@@ -32,7 +32,7 @@ from .config import MoEConfig
 from .moe import ExpertParallelMoE
 from .parallel_state import ParallelState
 
-__all__ = ["PRESETS", "CaseResult", "measure_case", "preset_config"]
+__all__ = ["PRESETS", "CaseResult", "measure_case", "preset_config", "slowest_rank"]
 
 PRESETS = {
     # Mixtral-like: 8 experts of F=2048, top-2
@@ -177,6 +177,18 @@ def measure_case(config: MoEConfig, state: ParallelState, tokens: int, reps: int
         combine_bytes=sum(s.combine_bytes[j] for j in remote),
         max_abs_out=float(y.float().abs().max()) if y.numel() else 0.0, dispatch_error=error,
     )
+
+
+def slowest_rank(times_ms: dict[str, list[float]]) -> tuple[dict[str, float], list[dict]]:
+    """Each name's median on this rank, gathered over the world: ``(group, every)``, the
+    group's figure per name (its slowest rank's median: the group moves at its pace) and
+    every rank's medians. A collective."""
+    med = {n: statistics.median(v) for n, v in times_ms.items()}
+    every = [med]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, med)
+    return {n: max(m[n] for m in every) for n in med}, every
 
 
 def summarize(per_rank: list[CaseResult]) -> dict:

@@ -29,9 +29,9 @@ import math
 import torch
 from torch import Tensor
 
-from .config import DROP_POLICIES
+from .config import DROP_POLICIES, MoEConfig
 
-__all__ = ["DROP_POLICIES", "capacity_keep", "expert_capacity"]
+__all__ = ["DROP_POLICIES", "capacity_keep", "drop_over_capacity", "expert_capacity"]
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, factor: float) -> int:
@@ -73,3 +73,16 @@ def capacity_keep(weights_TK: Tensor, ids_TK: Tensor, num_experts: int, capacity
     keep_N = torch.zeros(n, dtype=torch.bool, device=ids_TK.device)
     keep_N[pairs_N] = rank_N < capacity
     return keep_N.view(T, k)
+
+
+def drop_over_capacity(weights_TK: Tensor, ids_TK: Tensor, slots_TK: Tensor,
+                       config: MoEConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """The layer's step: ``(weights_TK, slots_TK, dropped)`` without the pairs over their
+    expert's capacity (the copies of an expert share it); a dropped pair gets weight 0
+    and slot P, which no rank owns (``ExpertMap.owner_tensor(drop_slot=True)``).
+    ``dropped`` counts them, a tensor (no host sync)."""
+    c = config
+    keep_TK = capacity_keep(weights_TK, ids_TK, c.num_experts, expert_capacity(
+        ids_TK.shape[0], c.top_k, c.num_experts, c.capacity_factor), c.drop_policy)
+    return (torch.where(keep_TK, weights_TK, 0.0),
+            torch.where(keep_TK, slots_TK, c.num_physical_experts), (~keep_TK).sum())

@@ -16,7 +16,7 @@ from .errors import InputError, Problem
 from .health import guarded
 from .parallel_state import ParallelState
 
-__all__ = ["check_finite", "check_input", "check_same_config"]
+__all__ = ["check_finite", "check_full_weights", "check_input", "check_same_config"]
 
 
 def check_input(x, config: MoEConfig, device: torch.device, where: str) -> InputError | None:
@@ -82,3 +82,24 @@ def check_same_config(config: MoEConfig, state: ParallelState, name: str) -> Non
     raise ValueError(f"MoEConfig of {name} differs between the ranks of EP group "
                      f"{list(s.ep_ranks)}: {text}. Every rank must build each layer from "
                      "the same config (the same checkpoint, the same arguments).")
+
+
+def check_full_weights(given: dict[str, object], want: dict[str, tuple[int, ...]],
+                       dtypes: dict[str, torch.dtype], config: MoEConfig) -> None:
+    """``load_full_weights``' arguments: exactly the names ``want`` (name -> full shape)
+    lists, each a floating-point tensor of that shape (cast later to ``dtypes[name]``)."""
+    if set(given) != set(want):
+        raise ValueError(f"load_full_weights: this config takes {sorted(want)}; missing "
+                         f"{sorted(set(want) - set(given))}, unexpected "
+                         f"{sorted(set(given) - set(want))}")
+    for name, t in given.items():
+        if not isinstance(t, Tensor):
+            raise ValueError(f"load_full_weights: {name} must be a torch.Tensor of shape "
+                             f"{want[name]}, got {type(t).__name__}")
+        if not t.is_floating_point() or t.is_meta:
+            raise ValueError(f"load_full_weights: {name} must hold floating-point values "
+                             f"(it is cast to {dtypes[name]}), got "
+                             f"{'a meta tensor' if t.is_meta else t.dtype}")
+        if tuple(t.shape) != want[name]:
+            raise ValueError(f"load_full_weights: {name} has shape {tuple(t.shape)}, "
+                             f"expected {want[name]} for {config}")

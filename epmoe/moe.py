@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .balance import loss_share_over_group, router_probs, update_bias_over_group, z_loss_share
-from .capacity import capacity_keep, expert_capacity
-from .checks import check_finite, check_input, check_same_config
+from .capacity import drop_over_capacity
+from .checks import check_finite, check_full_weights, check_input, check_same_config
 from .collectives import all_reduce_sum
 from .config import MoEConfig, optional_weight_shapes
 from .dispatch import make_dispatcher
@@ -127,15 +127,11 @@ class ExpertParallelMoE(nn.Module):
                                                                        dtype=dtype)))
         # Lookup tables of the placement, [P] each (rank and row of every slot); not
         # weights, so not in state_dict. Updated in place by rebalance().
-        # With a capacity (epmoe.capacity), one more slot past the end takes the dropped
-        # pairs: it belongs to no rank (owner ep_size), so they do not travel.
-        drop = [state.ep_size] if config.capacity_factor else []
-        self.register_buffer("owner", torch.tensor([*self.expert_map.owner, *drop],
-                                                   dtype=torch.long, device=dev),
+        # With a capacity, one more slot past the end, no rank's, takes the dropped pairs.
+        drop = bool(config.capacity_factor)
+        self.register_buffer("owner", self.expert_map.owner_tensor(dev, drop), persistent=False)
+        self.register_buffer("local_index", self.expert_map.local_index_tensor(dev, drop),
                              persistent=False)
-        self.register_buffer("local_index", torch.tensor(
-            [*self.expert_map.local_index, *[-1] * len(drop)], dtype=torch.long, device=dev),
-            persistent=False)
         self._use_map(self.expert_map)
         self.dispatcher = make_dispatcher(config, state, self.owner, self.local_index)
         self.dispatcher.where = f"the dispatch of {name}"
@@ -232,21 +228,7 @@ class ExpertParallelMoE(nn.Module):
                 "w_down": (E, H, Fi), **optional_weight_shapes(c)}
         given = {"router_weight": router_weight, "w_gate": w_gate, "w_up": w_up,
                  "w_down": w_down, **optional}
-        if set(given) != set(want):
-            raise ValueError(f"load_full_weights: this config takes {sorted(want)}; missing "
-                             f"{sorted(set(want) - set(given))}, unexpected "
-                             f"{sorted(set(given) - set(want))}")
-        for name, t in given.items():
-            if not isinstance(t, Tensor):
-                raise ValueError(f"load_full_weights: {name} must be a torch.Tensor of shape "
-                                 f"{want[name]}, got {type(t).__name__}")
-            if not t.is_floating_point() or t.is_meta:
-                raise ValueError(f"load_full_weights: {name} must hold floating-point values "
-                                 f"(it is cast to {getattr(self, name).dtype}), got "
-                                 f"{'a meta tensor' if t.is_meta else t.dtype}")
-            if tuple(t.shape) != want[name]:
-                raise ValueError(f"load_full_weights: {name} has shape {tuple(t.shape)}, "
-                                 f"expected {want[name]} for {c}")
+        check_full_weights(given, want, {n: getattr(self, n).dtype for n in want}, c)
         for name, t in given.items():
             if name in EXPERT_NAMES:
                 t = self._f_part(name, t.index_select(
@@ -374,7 +356,8 @@ class ExpertParallelMoE(nn.Module):
                 self._z = z if self._z is None else self._z + z
         slots_TK = self._slots(ids_TK)  # the dispatch sees slot ids from here on
         if c.capacity_factor:  # drop the pairs over an expert's capacity (epmoe.capacity)
-            weights_TK, slots_TK = self._drop(weights_TK, ids_TK, slots_TK)
+            weights_TK, slots_TK, dropped = drop_over_capacity(weights_TK, ids_TK, slots_TK, c)
+            self.dropped += dropped
         timer.lap("router")
         if c.overlap_microbatches and not self.collect_stats:
             y_TH, more = self._two_microbatches(x_TH, weights_TK, slots_TK, error, more)
@@ -386,17 +369,6 @@ class ExpertParallelMoE(nn.Module):
                                             s.ep_size, len(self.local_experts), wire, counts,
                                             local_ids_NK, timer.seconds)
         return y_TH, more
-
-    def _drop(self, weights_TK: Tensor, ids_TK: Tensor,
-              slots_TK: Tensor) -> tuple[Tensor, Tensor]:
-        """Weights and slots without the pairs over their expert's capacity (the copies of
-        an expert share its capacity); a dropped pair gets weight 0 and slot P."""
-        c = self.config
-        keep_TK = capacity_keep(weights_TK, ids_TK, c.num_experts, expert_capacity(
-            ids_TK.shape[0], c.top_k, c.num_experts, c.capacity_factor), c.drop_policy)
-        self.dropped += (~keep_TK).sum()  # (a tensor: no host sync)
-        return (torch.where(keep_TK, weights_TK, 0.0),
-                torch.where(keep_TK, slots_TK, c.num_physical_experts))  # no rank's slot
 
     def _guard(self, phase: str):
         s = self.state

@@ -46,7 +46,7 @@ from .collectives import (  # re-exported: the seed's parallel_state holds them
     gather_sizes,
     reduce_scatter_v,
 )
-from .health import Heartbeat, stop_heartbeats
+from .health import Heartbeat, guarded, stop_heartbeats
 
 __all__ = [
     "PendingAllToAll",
@@ -65,6 +65,7 @@ __all__ = [
     "group_layout",
     "init_distributed",
     "single_process_state",
+    "world_barrier",
 ]
 
 DEFAULT_TIMEOUT_S = 120.0
@@ -246,6 +247,14 @@ def _check_agreement(rank: int, world_size: int, ep_size: int, device: torch.dev
             f"ranks disagree on the parallel layout (this is rank {rank}): {table}. "
             "Every rank must be started with the same world size and ep_size."
         )
+
+
+def world_barrier(state: ParallelState, what: str) -> None:
+    """Every rank of the world waits here (nothing with one process); a rank that fails
+    or stalls meanwhile is named (``health.guarded``), ``what`` says where."""
+    if state.world_size > 1:
+        with guarded(state.heartbeat, what, tuple(range(state.world_size))):
+            dist.barrier()
 
 
 def destroy_distributed(state: ParallelState | None = None) -> None:

@@ -91,11 +91,17 @@ class ExpertMap:
             out[e].append(p)
         return tuple(tuple(s) for s in out)
 
-    def owner_tensor(self, device: torch.device | str = "cpu") -> Tensor:
-        return torch.tensor(self.owner, dtype=torch.long, device=device)  # [P]
+    def owner_tensor(self, device: torch.device | str = "cpu", drop_slot: bool = False) -> Tensor:
+        """``[P]`` the rank of every slot; with ``drop_slot``, ``[P + 1]``: one more slot,
+        owned by no rank (``ep_size``), for the pairs a capacity drops (``epmoe.capacity``)."""
+        return torch.tensor([*self.owner, *[self.ep_size] * drop_slot], dtype=torch.long,
+                            device=device)
 
-    def local_index_tensor(self, device: torch.device | str = "cpu") -> Tensor:
-        return torch.tensor(self.local_index, dtype=torch.long, device=device)  # [P]
+    def local_index_tensor(self, device: torch.device | str = "cpu",
+                           drop_slot: bool = False) -> Tensor:
+        """``[P]`` the row of every slot in its owner's stack (``-1`` for the drop slot)."""
+        return torch.tensor([*self.local_index, *[-1] * drop_slot], dtype=torch.long,
+                            device=device)
 
     def replica_tables(self, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
         """``(log2phy_ER, copies_E)`` for :func:`choose_replicas`; ``-1`` pads ``log2phy``."""

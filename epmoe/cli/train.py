@@ -47,7 +47,7 @@ import torch.distributed as dist
 
 from ..config import parse_dtype
 from ..health import guarded
-from ..parallel_state import ParallelState, destroy_distributed, init_distributed
+from ..parallel_state import ParallelState, destroy_distributed, init_distributed, world_barrier
 
 FAMILIES = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3", "deepseek_v2")
 EXPERTS_FIELD = {"mixtral": "num_local_experts", "qwen3_moe": "num_experts",
@@ -190,7 +190,7 @@ class Trainer:
         if self.state.rank == 0:
             save_tiny_checkpoint(a["family"], init, seed=a["seed"],
                                  **{EXPERTS_FIELD[a["family"]]: a["experts"]})
-        self._barrier("writing the initial model")
+        world_barrier(self.state, "writing the initial model")
         return init
 
     def _moe_options(self, source: Path) -> dict:
@@ -204,9 +204,8 @@ class Trainer:
                        capacity_factor=a["capacity_factor"])
         if a["bias_update_rate"]:
             options["bias_update_rate"] = a["bias_update_rate"]
-            family = family_of(AutoConfig.from_pretrained(source))
-            if not family.moe_fields(AutoConfig.from_pretrained(source)).get(
-                    "score_correction_bias"):
+            hf_config = AutoConfig.from_pretrained(source)
+            if not family_of(hf_config).moe_fields(hf_config).get("score_correction_bias"):
                 options["score_correction_bias"] = True  # 0 to start: the family's routing
         return options
 
@@ -299,7 +298,7 @@ class Trainer:
         path = self.out / "checkpoints" / f"step-{self.step:06d}"
         save_pretrained(self.model, path, self.state)  # (creates path; barriers)
         save_optimizer(self.optimizer, self.model, path, self.state)
-        self._barrier("saving the optimiser state")
+        world_barrier(self.state, "saving the optimiser state")
         if self.state.rank == 0:
             for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
                 if (self.source / name).is_file() and self.source != path:
@@ -311,14 +310,8 @@ class Trainer:
             tmp = path / "trainer_state.json.tmp"
             tmp.write_text(json.dumps(record) + "\n")
             tmp.replace(path / "trainer_state.json")  # last: the checkpoint is complete
-        self._barrier("finishing the checkpoint")
+        world_barrier(self.state, "finishing the checkpoint")
         return path
-
-    def _barrier(self, what: str) -> None:
-        s = self.state
-        if s.world_size > 1:
-            with guarded(s.heartbeat, what, tuple(range(s.world_size))):
-                dist.barrier()
 
 
 # --- reporting ---

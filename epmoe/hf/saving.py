@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ..collectives import gather_objects
 from ..health import guarded
 from ..moe import ExpertParallelMoE
-from ..parallel_state import ParallelState
+from ..parallel_state import ParallelState, world_barrier
 from .checkpoint import INDEX
 from .families import family_of
 from .loading import EPMoEBlock
@@ -116,7 +116,7 @@ def save_pretrained(model: nn.Module, out_dir: str | Path, state: ParallelState)
     if state.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / INDEX).unlink(missing_ok=True)  # (unfinished until written again, last)
-    _barrier(state, "the start of save_pretrained")
+    world_barrier(state, "the start of save_pretrained")
     names: dict[str, str] = {}
     if mine:
         file = expert_file(state.ep_rank, state.ep_size)
@@ -139,15 +139,10 @@ def save_pretrained(model: nn.Module, out_dir: str | Path, state: ParallelState)
                               "saved_by": f"epmoe on {state.ep_size} EP rank(s)"},
                  "weight_map": dict(sorted(weight_map.items()))}
         (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    _barrier(state, "the end of save_pretrained")
+    world_barrier(state, "the end of save_pretrained")
     return out
 
 
 def _total_size(out: Path, files: set[str]) -> int:
     return sum((out / f).stat().st_size for f in files)
 
-
-def _barrier(state: ParallelState, what: str) -> None:
-    if state.world_size > 1:
-        with guarded(state.heartbeat, what, tuple(range(state.world_size))):
-            dist.barrier()
