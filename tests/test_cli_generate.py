@@ -58,7 +58,7 @@ def test_prompt_ids_without_tokenizer_and_bad_input(tmp_path):
         assert f"[{i}] (rank {i % 2}) '{','.join(map(str, ids))}' -> {want}\n" in p.stdout
     for args, message in [(["--prompt", "Hello"], "has no tokenizer: give prompts as --prompt-ids"),
                           (["--prompt-ids", "1,x"], "--prompt-ids takes comma-separated integers"),
-                          ([], "no prompt: give --prompt, --prompt-ids or --prompts-file"),
+                          ([], "no prompt: give --prompt, --prompt-ids, --prompts-file or --prompt-ids-file"),
                           (["--prompt-ids", "1,300"], "token ids must lie in [0, 259)"),
                           (["--prompt-ids", "1", "--max-new-tokens", "0"],
                            "--max-new-tokens must be >= 1"),

@@ -14,7 +14,8 @@ from ..errors import RankFailure
 from ..health import hard_exit
 
 COMMANDS = {
-    "generate": "greedy generation from a Hugging Face MoE checkpoint, expert-parallel",
+    "serve": "serve a Hugging Face MoE checkpoint over an OpenAI-compatible API, expert-parallel",
+    "generate": "generate from a Hugging Face MoE checkpoint, all prompts batched, expert-parallel",
     "bench": "benchmark the MoE layer: presets, modes, dtypes, dispatch backends",
     "check": "check the EP layer against the reference on this world (also across hosts)",
     "eplb": "simulate expert placement (EPLB) for a deployment: balance and memory per rank",

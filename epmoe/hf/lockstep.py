@@ -86,6 +86,17 @@ class Lockstep:
         c = layer.config
         layer(torch.empty((0, c.hidden_size), dtype=c.dtype, device=self.state.device))
 
+    def zero_step(self) -> None:
+        """One dummy step: join the step agreement as idle and run every MoE layer on zero
+        tokens (the serving engine's rank with nothing to run in a step the group takes)."""
+        if not self.needed:
+            return
+        self._finish_step()
+        self.step(False)
+        self._done = 0
+        self._finish_step()
+        self.dummy_steps += 1
+
     def idle(self) -> None:
         """Run dummy steps until every rank of the EP group is idle too."""
         if not self.needed:

@@ -1,0 +1,149 @@
+"""Keeping the ranks in step while serving: one small agreement per step, then one step.
+
+Every MoE layer is a collective of its EP group, so every rank must run the
+same number of model forwards. Each step begins with one ``all_gather_object``
+over the world (SGLang gathers its batch sizes every step the same way) in
+which
+
+* rank 0, the only rank that hears HTTP, gives its orders: the new requests,
+  each assigned to the rank with the least outstanding tokens (prompt plus
+  ``max_tokens`` not yet produced: vLLM's least-load routing, weighted by
+  tokens), the aborts, and whether to stop;
+* every rank reports the tokens it produced in the previous step (rank 0
+  hands them to the HTTP streams), its queue lengths, and whether it has work.
+
+From the gathered list, identical on every rank, each computes whether the
+group steps: it does if any rank has work or got a request. Then each rank
+runs its own tokens, or a zero step. When no rank has work, no rank steps:
+rank 0 waits for a request (up to ``idle_wait_s``, then a heartbeat round so
+no collective times out) and the others wait inside the next agreement.
+Idle costs one small collective a second and no spinning.
+
+A rank that dies or stalls makes the agreement (or an MoE collective) fail on
+the others with :class:`~epmoe.errors.RankFailure` naming it: rank 0 then
+fails every request in flight (the front answers 503) and stops.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from ..collectives import gather_objects
+from ..health import guarded
+from ..parallel_state import ParallelState
+from .client import EngineClient, EngineStats
+from .engine import Engine, RankReport
+from .types import Request, StepOutput
+
+__all__ = ["Orders", "serve_loop"]
+
+
+@dataclass
+class Orders:
+    """Rank 0's part of a step's agreement."""
+
+    assign: list[tuple[int, Request]] = field(default_factory=list)  # (rank, request)
+    aborts: list[str] = field(default_factory=list)
+    stop: bool = False
+
+
+class LeastLoad:
+    """Rank 0's ledger of outstanding tokens per rank, and who holds which request."""
+
+    def __init__(self, world_size: int) -> None:
+        self.tokens = [0] * world_size
+        self.owner: dict[str, tuple[int, int]] = {}  # request id -> (rank, tokens left)
+
+    def assign(self, request: Request) -> int:
+        rank = min(range(len(self.tokens)), key=lambda r: (self.tokens[r], r))
+        n = len(request.prompt_ids) + request.params.max_tokens
+        self.tokens[rank] += n
+        self.owner[request.request_id] = (rank, n)
+        return rank
+
+    def account(self, out: StepOutput) -> None:
+        if out.request_id not in self.owner:
+            return
+        rank, left = self.owner[out.request_id]
+        used = left if out.finished else min(left, len(out.new_token_ids))
+        self.tokens[rank] -= used
+        if out.finished:
+            del self.owner[out.request_id]
+        else:
+            self.owner[out.request_id] = (rank, left - used)
+
+
+def _orders(client: EngineClient, balance: LeastLoad, timeout: float | None,
+            stop: threading.Event) -> Orders:
+    orders = Orders(stop=stop.is_set())
+    for kind, what in client.take_commands(timeout):
+        if kind == "add":
+            orders.assign.append((balance.assign(what), what))
+        elif kind == "abort":
+            orders.aborts.append(what)
+    return orders
+
+
+def _stats(prev: EngineStats, reports: list[RankReport], engine: Engine) -> EngineStats:
+    """The next snapshot for /metrics: queues now, tokens per expert summed over ranks."""
+    totals = [list(row) for row in prev.tokens_per_expert] or \
+        [[0] * len(row) for row in reports[0][5]]
+    for r in reports:
+        for i, row in enumerate(r[5]):
+            for e, c in enumerate(row):
+                totals[i][e] += c
+    layers = engine.lockstep.layers
+    return EngineStats(
+        running=tuple(r[1] for r in reports), waiting=tuple(r[2] for r in reports),
+        kv_blocks_used=tuple(r[3] for r in reports),
+        kv_blocks_total=engine.scheduler.allocator.num_blocks, steps=engine.steps,
+        tokens_per_expert=tuple(map(tuple, totals)),
+        balancedness=tuple(layer.expert_map.balancedness(torch.tensor(row))
+                           for layer, row in zip(layers, totals, strict=True)))
+
+
+def serve_loop(engine: Engine, state: ParallelState, client: EngineClient | None = None,
+               stop: threading.Event | None = None) -> None:
+    """Run the engine until rank 0 says stop. Rank 0 passes the ``client`` its HTTP front
+    uses; the others pass none. Raises :class:`~epmoe.errors.RankFailure` when a peer fails."""
+    leader = state.rank == 0
+    stop = stop or threading.Event()
+    balance = LeastLoad(state.world_size)
+    group = dist.group.WORLD if dist.is_initialized() else None
+    world = tuple(range(state.world_size))
+    outputs: list[StepOutput] = []
+    stepping = False
+    while True:
+        orders = None
+        if leader:
+            orders = _orders(client, balance, None if stepping else engine.config.idle_wait_s,
+                             stop)
+        with guarded(state.heartbeat, "the serving step agreement", world):
+            gathered = gather_objects((orders, engine.report(outputs)), group)
+        orders = gathered[0][0]
+        reports = [g[1] for g in gathered]
+        if leader:
+            done = [o for r in reports for o in r[0]]
+            for o in done:
+                balance.account(o)
+            client.deliver(done)
+            client.stats = _stats(client.stats, reports, engine)
+        if orders.stop:
+            return
+        outputs = []
+        for rank, request in orders.assign:
+            if rank == state.rank:
+                out = engine.add(request)
+                if out is not None:
+                    outputs.append(out)
+        for rid in orders.aborts:
+            out = engine.abort(rid)
+            if out is not None:
+                outputs.append(out)
+        stepping = any(r[4] for r in reports) or bool(orders.assign)
+        if stepping:
+            outputs.extend(engine.step())
