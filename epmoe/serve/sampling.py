@@ -34,7 +34,7 @@ def _filtered_probs(logits_V: Tensor, p: SamplingParams) -> Tensor:
         # keep the smallest prefix whose mass reaches top_p (the token that crosses it too)
         drop = sorted_p.cumsum(0) - sorted_p >= p.top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p / sorted_p.sum())
     return probs
 
 
