@@ -15,7 +15,9 @@ API is vLLM's (``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``,
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -134,17 +136,23 @@ def main(model: str, host: str, port: int, dtype: str | None, served_model_name:
                               kv_cache_bytes=int(kv_cache_gb * (1 << 30)),
                               max_waiting=max_waiting)
         engine = Engine(m, config, _eos_ids(model_dir, m.config), state.device)
+        stop = threading.Event()
+        # SIGINT/SIGTERM (torchrun sends them to every rank): rank 0 orders every rank to
+        # stop after the current step; the others keep stepping until that order comes
+        # (or until rank 0 is gone, which the next collective reports).
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
         if state.rank != 0:
             serve_loop(engine, state)
             return 0
         return _serve_rank0(engine, state, m, model_dir, host, port,
-                            served_model_name or model, api_key)
+                            served_model_name or model, api_key, stop)
     finally:
         destroy_distributed()
 
 
 def _serve_rank0(engine, state, m, model_dir: Path, host: str, port: int, name: str,
-                 api_key: str | None) -> int:
+                 api_key: str | None, stop: threading.Event) -> int:
     from ..serve.api import build_app, serve_http
     from ..serve.client import EngineClient
     from ..serve.sync import serve_loop
@@ -154,7 +162,7 @@ def _serve_rank0(engine, state, m, model_dir: Path, host: str, port: int, name: 
     app = build_app(client, _tokenizer(model_dir), name, c.max_model_len,
                     m.config.vocab_size, api_key=api_key, eos_token_ids=tuple(
                         engine.eos_token_ids))
-    stop, failure = threading.Event(), []
+    failure = []
 
     def run_engine() -> None:
         try:
@@ -175,7 +183,7 @@ def _serve_rank0(engine, state, m, model_dir: Path, host: str, port: int, name: 
           f"of {moe.num_experts} experts top-{moe.top_k}; max_model_len {c.max_model_len}, "
           f"KV cache {engine.cache.num_blocks} blocks of {c.block_size} tokens per rank",
           flush=True)
-    serve_http(app, host, port, stop)  # returns on SIGINT/SIGTERM or when the engine stops
+    asyncio.run(serve_http(app, host, port, stop))  # until SIGINT/SIGTERM or the engine stops
     stop.set()
     thread.join(timeout=state.timeout_s + 5)
     if failure:
