@@ -238,6 +238,7 @@ def test_ranks_serve_their_requests_in_step(tiny, world):
         assert out[0]["got"][i] == reference(path, tuple(ids), k), i
     stats = out[0]["stats"]
     assert sum(map(sum, stats.tokens_per_expert)) > 0 and len(stats.balancedness) == 3
+    assert stats.dispatch_bytes > 0 and 0 < min(stats.balancedness) <= 1
     assert len(stats.running) == world and all(r == 0 for r in stats.running)
     assert len({o["steps"] for o in out}) == 1  # every rank took every step
     assert sum(o["zero_steps"] for o in out) > 0  # someone ran out of work first

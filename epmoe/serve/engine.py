@@ -30,7 +30,8 @@ AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention)
 
 class RankReport(tuple):
     """What a rank tells the others each step: ``(outputs, running, waiting, kv_blocks_used,
-    has_work, tokens_per_expert [L][E] since the last report)``."""
+    has_work, tokens_per_expert [L][E], bytes of token rows to and from other ranks)``, the
+    last two since the previous report."""
 
 
 class Engine:
@@ -50,6 +51,7 @@ class Engine:
         # full-length sequences).
         self._counts = [torch.zeros(layer.config.num_experts, dtype=torch.int64)
                         for layer in self.lockstep.layers]
+        self._remote_bytes = 0
         self.cache = KVCache(1, config.block_size, device)
         self._forward([([0], 0, 1)], torch.zeros(1, dtype=torch.long), [0], None)
         per_block = self.cache.bytes_per_token * config.block_size
@@ -66,6 +68,7 @@ class Engine:
         self._generators: dict[str, torch.Generator | None] = {}
         for c in self._counts:
             c.zero_()  # (the probe's token)
+        self._remote_bytes = 0
         self.steps = 0
 
     # ------------------------------------------------------------------ requests
@@ -102,9 +105,9 @@ class Engine:
         counts = [c.tolist() for c in self._counts]
         for c in self._counts:
             c.zero_()
-        s = self.scheduler
+        s, sent, self._remote_bytes = self.scheduler, self._remote_bytes, 0
         return RankReport((outputs, len(s.running), len(s.waiting),
-                           s.allocator.num_blocks - s.allocator.free, s.has_work, counts))
+                           s.allocator.num_blocks - s.allocator.free, s.has_work, counts, sent))
 
     # ------------------------------------------------------------------ a step
 
@@ -159,5 +162,12 @@ class Engine:
                                              else torch.tensor([len(pos) - 1])).to(self.device))
         for layer, c in zip(self.lockstep.layers, self._counts, strict=True):
             if layer._load_E is not None:
-                c += layer._load_E.cpu()
+                load_E = layer._load_E.cpu()  # NOTE: host sync, once per MoE layer and step
+                c += load_E
+                # (token, expert) pairs sent to another rank, there and back (copies of an
+                # expert share its pairs evenly: choose_replicas' expected split).
+                rows = float(load_E.sum() - layer.expert_map.rank_loads(load_E)[
+                    layer.state.ep_rank])
+                self._remote_bytes += int(2 * rows * layer.config.hidden_size *
+                                          layer.w_down.element_size())
         return out.logits[0].float()

@@ -102,6 +102,7 @@ def _stats(prev: EngineStats, reports: list[RankReport], engine: Engine) -> Engi
         kv_blocks_used=tuple(r[3] for r in reports),
         kv_blocks_total=engine.scheduler.allocator.num_blocks, steps=engine.steps,
         tokens_per_expert=tuple(map(tuple, totals)),
+        dispatch_bytes=prev.dispatch_bytes + sum(r[6] for r in reports),
         balancedness=tuple(layer.expert_map.balancedness(torch.tensor(row))
                            for layer, row in zip(layers, totals, strict=True)))
 
