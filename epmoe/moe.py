@@ -302,7 +302,7 @@ class ExpertParallelMoE(nn.Module):
         if self._rebalance_due:  # between two forwards (after the last one's backward)
             self._rebalance_due = False
             self.rebalance()
-        error = check_input(x_TH, c, self.w_down.device, self._where)
+        error = check_input(x_TH, c, self.router_weight.device, self._where)
         if error is not None:  # join the group's first dispatch with no tokens, then raise
             x_TH = torch.empty((0, c.hidden_size), dtype=c.dtype, device=self.state.device)
         T = x_TH.shape[0]
