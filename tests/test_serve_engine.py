@@ -242,3 +242,19 @@ def test_ranks_serve_their_requests_in_step(tiny, world):
     assert len(stats.running) == world and all(r == 0 for r in stats.running)
     assert len({o["steps"] for o in out}) == 1  # every rank took every step
     assert sum(o["zero_steps"] for o in out) > 0  # someone ran out of work first
+
+
+def _gather_worker() -> list:
+    import torch.distributed as dist
+
+    from epmoe.serve.sync import gather_small
+
+    state = epmoe.init_distributed(force_cpu=True, timeout_s=30)
+    small = gather_small(("r", state.rank), state.device, dist.group.WORLD)
+    big = gather_small(list(range(3000 * state.rank)), state.device, dist.group.WORLD, cap=64)
+    return [small, [len(b) for b in big]]
+
+
+def test_gather_small_in_one_round_or_two():
+    out = run_ranks(_gather_worker, 2, deadline_s=60)
+    assert out[0] == out[1] == [[("r", 0), ("r", 1)], [0, 3000]]

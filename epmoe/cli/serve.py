@@ -134,7 +134,7 @@ def main(model: str, host: str, port: int, dtype: str | None, served_model_name:
         config = EngineConfig(max_model_len=int(limit), max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max_num_batched_tokens,
                               kv_cache_bytes=int(kv_cache_gb * (1 << 30)),
-                              max_waiting=max_waiting)
+                              max_waiting=max_waiting, pack_weights=not rebalance_interval)
         engine = Engine(m, config, _eos_ids(model_dir, m.config), state.device)
         stop = threading.Event()
         # SIGINT/SIGTERM (torchrun sends them to every rank): rank 0 orders every rank to

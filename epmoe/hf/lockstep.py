@@ -43,6 +43,9 @@ class Lockstep:
         self._done = len(self.layers)  # MoE layers run in the current step
         self._in_collective = False  # inside the step all-reduce or a MoE layer
         self.dummy_steps = 0  # dummy steps this rank ran, over its lifetime
+        # The caller agrees on each step itself (the serving engine's per-step gather):
+        # then no step all-reduce here, one collective less per forward.
+        self.external_agreement = False
         for layer in self.layers:
             layer.register_forward_pre_hook(self._enter_layer)
             layer.register_forward_hook(self._leave_layer)
@@ -73,7 +76,8 @@ class Lockstep:
     def before_forward(self, *_args, **_kwargs) -> None:
         """A forward pre-hook for the model: this rank runs a real step."""
         self._finish_step()  # (a step that failed before its MoE layers, outside a session)
-        self.step(True)
+        if not self.external_agreement:
+            self.step(True)
         self._done = 0
 
     def _finish_step(self) -> None:
@@ -92,7 +96,8 @@ class Lockstep:
         if not self.needed:
             return
         self._finish_step()
-        self.step(False)
+        if not self.external_agreement:
+            self.step(False)
         self._done = 0
         self._finish_step()
         self.dummy_steps += 1

@@ -19,6 +19,9 @@ class EngineConfig:
     kv_cache_bytes: int = 4 << 30  # the KV cache of one rank, at most (bytes)
     max_waiting: int = 1024  # requests queued per rank beyond the running ones (then 429)
     idle_wait_s: float = 1.0  # all ranks idle: rank 0 wakes the group at least this often
+    # bf16 on the CPU: run on oneDNN's prepacked weights (epmoe.packed; the same bits,
+    # 1.4-1.5x faster decode). Off for live rebalancing, which moves the plain weights.
+    pack_weights: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",

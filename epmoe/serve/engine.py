@@ -43,7 +43,14 @@ class Engine:
         self.model, self.config, self.device = model, config, device
         self.eos_token_ids = frozenset(eos_token_ids)
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        if config.pack_weights:  # bf16 on the CPU: oneDNN's prepacked weights, same bits
+            from ..packed import pack_for_inference
+
+            pack_for_inference(model)
         self.lockstep = model.epmoe  # the MoE layers' step protocol (epmoe.hf.Lockstep)
+        # Which ranks step is agreed before each step (epmoe.serve.sync; generate's loop),
+        # so the lockstep's own all-reduce per forward is not needed.
+        self.lockstep.external_agreement = True
         for layer in self.lockstep.layers:
             layer.count_tokens = True
         # A probe step on one block learns each layer's key and value shapes; then the
@@ -169,5 +176,5 @@ class Engine:
                 rows = float(load_E.sum() - layer.expert_map.rank_loads(load_E)[
                     layer.state.ep_rank])
                 self._remote_bytes += int(2 * rows * layer.config.hidden_size *
-                                          layer.w_down.element_size())
+                                          layer.config.dtype.itemsize)
         return out.logits[0].float()

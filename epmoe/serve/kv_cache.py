@@ -194,8 +194,12 @@ def paged_attention(module, query: Tensor, key: Tensor, value: Tensor, attention
     if B:
         # NOTE: a gather of every 1-token segment's context, [B, L, g, d]: the price of
         # paging without a kernel. Padded keys are masked out.
-        k_B = k_S[batch.single_slots_BL].permute(0, 2, 1, 3)  # [B, g, L, dk]
-        v_B = v_S[batch.single_slots_BL].permute(0, 2, 1, 3)
+        B_, L = batch.single_slots_BL.shape
+        flat = batch.single_slots_BL.reshape(-1)
+        # index_select and one contiguous copy: the products below then need no copy of
+        # their own (advanced indexing and strided batches each cost more on the CPU).
+        k_B = k_S.index_select(0, flat).view(B_, L, *k_S.shape[1:]).transpose(1, 2).contiguous()
+        v_B = v_S.index_select(0, flat).view(B_, L, *v_S.shape[1:]).transpose(1, 2).contiguous()
         mask = batch.single_mask_BL
         if window:
             keep = torch.arange(mask.shape[1], device=mask.device) > \

@@ -1,7 +1,7 @@
 """Keeping the ranks in step while serving: one small agreement per step, then one step.
 
 Every MoE layer is a collective of its EP group, so every rank must run the
-same number of model forwards. Each step begins with one ``all_gather_object``
+same number of model forwards. Each step begins with one all-gather (:func:`gather_small`)
 over the world (SGLang gathers its batch sizes every step the same way) in
 which
 
@@ -26,13 +26,13 @@ fails every request in flight (the front answers 503) and stops.
 
 from __future__ import annotations
 
+import pickle
 import threading
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from ..collectives import gather_objects
 from ..health import guarded
 from ..parallel_state import ParallelState
 from .client import EngineClient, EngineStats
@@ -107,6 +107,34 @@ def _stats(prev: EngineStats, reports: list[RankReport], engine: Engine) -> Engi
                            for layer, row in zip(layers, totals, strict=True)))
 
 
+def gather_small(obj, device: torch.device, group, cap: int = 8192) -> list:
+    """Every rank's picklable ``obj``, by rank, in one all-gather while each pickles to at
+    most ``cap`` bytes (a step's reports and a few requests do); a second round with
+    the longest size otherwise. ``all_gather_object`` always takes two rounds, and each
+    round costs about a millisecond on this CPU (gloo's wake-ups)."""
+    if group is None:
+        return [obj]
+    data = pickle.dumps(obj)
+    W = dist.get_world_size(group)
+    buf = torch.zeros(8 + cap, dtype=torch.uint8)
+    buf[:8] = torch.tensor([len(data)], dtype=torch.int64).view(torch.uint8)
+    buf[8 : 8 + min(len(data), cap)] = torch.frombuffer(bytearray(data[:cap]), dtype=torch.uint8)
+    out = [torch.empty_like(buf, device=device) for _ in range(W)]
+    dist.all_gather(out, buf.to(device), group=group)
+    out = [o.cpu() for o in out]  # NOTE: host sync (NCCL), once per step
+    sizes = [int(o[:8].view(torch.int64)) for o in out]
+    if max(sizes) > cap:  # someone's payload did not fit: everyone sends it whole
+        longest = max(sizes)
+        full = torch.zeros(longest, dtype=torch.uint8)
+        full[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        parts = [torch.empty_like(full, device=device) for _ in range(W)]
+        dist.all_gather(parts, full.to(device), group=group)
+        return [pickle.loads(p.cpu().numpy().tobytes()[:n]) for p, n in zip(parts, sizes,
+                                                                              strict=True)]
+    return [pickle.loads(o[8 : 8 + n].numpy().tobytes()) for o, n in zip(out, sizes,
+                                                                       strict=True)]
+
+
 def serve_loop(engine: Engine, state: ParallelState, client: EngineClient | None = None,
                stop: threading.Event | None = None) -> None:
     """Run the engine until rank 0 says stop. Rank 0 passes the ``client`` its HTTP front
@@ -124,7 +152,7 @@ def serve_loop(engine: Engine, state: ParallelState, client: EngineClient | None
             orders = _orders(client, balance, None if stepping else engine.config.idle_wait_s,
                              stop)
         with guarded(state.heartbeat, "the serving step agreement", world):
-            gathered = gather_objects((orders, engine.report(outputs)), group)
+            gathered = gather_small((orders, engine.report(outputs)), state.device, group)
         orders = gathered[0][0]
         reports = [g[1] for g in gathered]
         if leader:
