@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .shm import shm_for
+
 __all__ = [
     "PendingAllToAll",
     "all_gather_known",
@@ -89,6 +91,11 @@ def all_to_all_v_start(
                          f"{sum(send_splits)}")
     if G == 1:
         return PendingAllToAll(x, x, None, send_splits, recv_splits, group)
+    shm = shm_for(group)  # inference on one host's CPU ranks (epmoe.shm): done at once
+    if shm is not None:
+        out = shm.all_to_all(x, send_splits, recv_splits)
+        if out is not None:
+            return PendingAllToAll(x, out, None, send_splits, recv_splits, group)
     x = _joins_backward(x)
     out = x.new_empty((sum(recv_splits), *x.shape[1:]))
     work = dist.all_to_all_single(out, x.detach().contiguous(), list(recv_splits),
@@ -129,8 +136,14 @@ def exchange_counts(send_counts: Tensor, group: dist.ProcessGroup | None) -> Ten
 
     Shapes ``[G]`` or ``[G, n]`` (several counts per pair). Not differentiable.
     """
-    if _group_size(group) == 1:
+    G = _group_size(group)
+    if G == 1:
         return send_counts.clone()
+    shm = shm_for(group)
+    if shm is not None:
+        out = shm.all_to_all(send_counts, [1] * G, [1] * G)
+        if out is not None:
+            return out
     out = torch.empty_like(send_counts)
     dist.all_to_all_single(out, send_counts.contiguous(), group=group)
     return out

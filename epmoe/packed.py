@@ -20,7 +20,7 @@ hidden, F expert intermediate, Fs shared intermediate):
   MLPs, the LM head) becomes a :class:`PackedLinear`;
 * every :class:`~epmoe.moe.ExpertParallelMoE` in bf16 becomes a :class:`PackedMoE`:
   each expert's ``[2F, H]`` and ``[H, F]`` and the shared expert's ``[Fs, H]``,
-  ``[Fs, H]``, ``[H, Fs]`` packed one by one (:func:`~epmoe.experts.packed_experts`
+  ``[Fs, H]``, ``[H, Fs]`` packed one by one (:func:`~epmoe.experts_packed.packed_experts`
   repeats the unpacked layer's path, loop or grouped_mm, with its bits).
 
 Memory: the packed copy replaces the plain weight (freed unless held elsewhere),
@@ -50,7 +50,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .experts import PackedExperts, grouped_mm_ok, packed_linear
+from .experts import grouped_mm_ok
+from .experts_packed import PackedExperts, packed_linear
 from .moe import ExpertParallelMoE
 
 __all__ = ["PACKED_DTYPES", "PackReport", "PackedError", "PackedLinear", "PackedMoE",
@@ -84,7 +85,7 @@ def can_pack(t: Tensor) -> bool:
 
 def pack_weight(w_NK: Tensor, batch_hint: int | None = None) -> Tensor:
     """``w [N, K]`` reordered into oneDNN's blocked layout: an opaque ``[N, K]`` tensor
-    (``layout=torch._mkldnn``) that only :func:`~epmoe.experts.packed_linear` reads.
+    (``layout=torch._mkldnn``) that only :func:`~epmoe.experts_packed.packed_linear` reads.
     ``batch_hint``: the rows oneDNN should expect (no measurable effect here)."""
     return torch.ops.mkldnn._reorder_linear_weight(w_NK.detach(), batch_hint)
 
@@ -150,7 +151,7 @@ class PackedMoE(_InferenceOnly, ExpertParallelMoE):
     swapped: the layer keeps its identity, in ``model.epmoe.layers`` too), never built.
 
     Forward, routing, dispatch and statistics are the layer's own; only the expert
-    products change (``_experts`` returns :class:`~epmoe.experts.PackedExperts`, which
+    products change (``_experts`` returns :class:`~epmoe.experts_packed.PackedExperts`, which
     ``run_experts`` sends to ``packed_experts``)."""
 
     packed: PackedExperts

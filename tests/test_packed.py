@@ -14,7 +14,7 @@ import torch.nn.functional as F
 pytest.importorskip("transformers")
 
 import epmoe.experts  # noqa: E402
-from epmoe.experts import packed_linear  # noqa: E402
+from epmoe.experts_packed import packed_linear  # noqa: E402
 from epmoe.hf import from_pretrained, save_pretrained  # noqa: E402
 from epmoe.hf.tiny import TINY_FAMILIES, save_tiny_checkpoint  # noqa: E402
 from epmoe.packed import (  # noqa: E402

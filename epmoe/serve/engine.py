@@ -12,13 +12,22 @@ takes runs a zero step (every MoE layer on zero tokens,
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 from transformers import AttentionInterface
 
 from .config import EngineConfig
-from .kv_cache import (ATTN_IMPLEMENTATION, BlockAllocator, KVCache, check_attention_only,
-                       paged_attention, step_batch, using)
+from .kv_cache import (
+    ATTN_IMPLEMENTATION,
+    BlockAllocator,
+    KVCache,
+    check_attention_only,
+    paged_attention,
+    step_batch,
+    using,
+)
 from .sampling import make_generator, sample
 from .scheduler import Scheduler, Sequence
 from .types import Request, StepOutput
@@ -28,10 +37,16 @@ __all__ = ["Engine", "RankReport"]
 AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention)
 
 
-class RankReport(tuple):
-    """What a rank tells the others each step: ``(outputs, running, waiting, kv_blocks_used,
-    has_work, tokens_per_expert [L][E], bytes of token rows to and from other ranks)``, the
-    last two since the previous report."""
+class RankReport(NamedTuple):
+    """What a rank tells the others each step (see :mod:`epmoe.serve.sync`)."""
+
+    outputs: list[StepOutput]  # what its last step produced
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    has_work: bool
+    tokens_per_expert: list[list[int]]  # [L][E] this rank's token choices since the last report
+    remote_bytes: int  # token rows to and from other ranks since the last report
 
 
 class Engine:
@@ -51,6 +66,11 @@ class Engine:
         # Which ranks step is agreed before each step (epmoe.serve.sync; generate's loop),
         # so the lockstep's own all-reduce per forward is not needed.
         self.lockstep.external_agreement = True
+        state = self.lockstep.state
+        if config.shm_all_to_all and state.ep_size > 1 and device.type == "cpu":
+            from ..shm import attach
+
+            attach(state.ep_group, timeout_s=state.timeout_s)  # (a collective of the group)
         for layer in self.lockstep.layers:
             layer.count_tokens = True
         # A probe step on one block learns each layer's key and value shapes; then the
@@ -113,8 +133,8 @@ class Engine:
         for c in self._counts:
             c.zero_()
         s, sent, self._remote_bytes = self.scheduler, self._remote_bytes, 0
-        return RankReport((outputs, len(s.running), len(s.waiting),
-                           s.allocator.num_blocks - s.allocator.free, s.has_work, counts, sent))
+        return RankReport(outputs, len(s.running), len(s.waiting),
+                          s.allocator.num_blocks - s.allocator.free, s.has_work, counts, sent)
 
     # ------------------------------------------------------------------ a step
 

@@ -91,18 +91,18 @@ def _orders(client: EngineClient, balance: LeastLoad, timeout: float | None,
 def _stats(prev: EngineStats, reports: list[RankReport], engine: Engine) -> EngineStats:
     """The next snapshot for /metrics: queues now, tokens per expert summed over ranks."""
     totals = [list(row) for row in prev.tokens_per_expert] or \
-        [[0] * len(row) for row in reports[0][5]]
+        [[0] * len(row) for row in reports[0].tokens_per_expert]
     for r in reports:
-        for i, row in enumerate(r[5]):
+        for i, row in enumerate(r.tokens_per_expert):
             for e, c in enumerate(row):
                 totals[i][e] += c
     layers = engine.lockstep.layers
     return EngineStats(
-        running=tuple(r[1] for r in reports), waiting=tuple(r[2] for r in reports),
-        kv_blocks_used=tuple(r[3] for r in reports),
+        running=tuple(r.running for r in reports), waiting=tuple(r.waiting for r in reports),
+        kv_blocks_used=tuple(r.kv_blocks_used for r in reports),
         kv_blocks_total=engine.scheduler.allocator.num_blocks, steps=engine.steps,
         tokens_per_expert=tuple(map(tuple, totals)),
-        dispatch_bytes=prev.dispatch_bytes + sum(r[6] for r in reports),
+        dispatch_bytes=prev.dispatch_bytes + sum(r.remote_bytes for r in reports),
         balancedness=tuple(layer.expert_map.balancedness(torch.tensor(row))
                            for layer, row in zip(layers, totals, strict=True)))
 
@@ -156,7 +156,7 @@ def serve_loop(engine: Engine, state: ParallelState, client: EngineClient | None
         orders = gathered[0][0]
         reports = [g[1] for g in gathered]
         if leader:
-            done = [o for r in reports for o in r[0]]
+            done = [o for r in reports for o in r.outputs]
             for o in done:
                 balance.account(o)
             client.deliver(done)
@@ -173,6 +173,6 @@ def serve_loop(engine: Engine, state: ParallelState, client: EngineClient | None
             out = engine.abort(rid)
             if out is not None:
                 outputs.append(out)
-        stepping = any(r[4] for r in reports) or bool(orders.assign)
+        stepping = any(r.has_work for r in reports) or bool(orders.assign)
         if stepping:
             outputs.extend(engine.step())
