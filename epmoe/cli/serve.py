@@ -56,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rebalance-interval", type=int, default=0,
                    help="re-place the experts every N steps from their load (0: never)")
     p.add_argument("--placement", default="linear", choices=["linear", "round_robin"])
+    p.add_argument("--no-shm", action="store_true",
+                   help="all-to-alls through gloo even between CPU ranks of one host "
+                        "(default: shared memory, see docs/serving.md)")
     p.add_argument("--force-cpu", action="store_true", help="CPU and gloo even with GPUs")
     p.add_argument("--timeout", type=float, default=60.0,
                    help="seconds any collective may take before a rank is declared failed")
@@ -109,7 +112,7 @@ def main(model: str, host: str, port: int, dtype: str | None, served_model_name:
          max_model_len: int | None, max_num_seqs: int, max_num_batched_tokens: int,
          kv_cache_gb: float, max_waiting: int, api_key: str | None, all2all_backend: str,
          num_redundant_experts: int, rebalance_interval: int, placement: str,
-         force_cpu: bool, timeout: float) -> int:
+         no_shm: bool, force_cpu: bool, timeout: float) -> int:
     from ..hf.loading import from_pretrained
     from ..serve.config import EngineConfig
     from ..serve.engine import Engine
@@ -134,7 +137,8 @@ def main(model: str, host: str, port: int, dtype: str | None, served_model_name:
         config = EngineConfig(max_model_len=int(limit), max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max_num_batched_tokens,
                               kv_cache_bytes=int(kv_cache_gb * (1 << 30)),
-                              max_waiting=max_waiting, pack_weights=not rebalance_interval)
+                              max_waiting=max_waiting, pack_weights=not rebalance_interval,
+                              shm_all_to_all=not no_shm)
         engine = Engine(m, config, _eos_ids(model_dir, m.config), state.device)
         stop = threading.Event()
         # SIGINT/SIGTERM (torchrun sends them to every rank): rank 0 orders every rank to
