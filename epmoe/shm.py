@@ -150,8 +150,9 @@ def attach(group, cap: int = 64 << 20, timeout_s: float = 60.0) -> ShmAllToAll |
         return _GROUPS.get(group)
     size = dist.get_world_size(group)
     hosts = [None] * size
-    dist.all_gather_object(hosts, (os.uname().nodename, dist.get_backend(group)), group=group)
-    if size == 1 or len(set(hosts)) != 1 or hosts[0][1] != "gloo":
+    mine = (os.uname().nodename, dist.get_backend(group), os.path.isdir("/dev/shm"))
+    dist.all_gather_object(hosts, mine, group=group)
+    if size == 1 or len(set(hosts)) != 1 or hosts[0][1:] != ("gloo", True):
         return None
     _GROUPS[group] = ShmAllToAll(group, dist.get_rank(group), size, cap, timeout_s)
     return _GROUPS[group]
