@@ -73,7 +73,7 @@ def test_demo_compare_prints_ep_beside_tp(nproc):
     rows = {line.split("  ")[0]: line for line in out.splitlines()
             if line.startswith(("EP  ", "TP, own tokens  ", "TP, replicated  "))}
     assert set(rows) == {"EP", "TP, own tokens", "TP, replicated"}, out
-    assert "4: 4 all-to-all" in rows["EP"]
+    assert "3: 3 all-to-all" in rows["EP"]  # counts, rows with their routing, combine
     assert "2: 1 all-gather, 1 all-reduce" in rows["TP, replicated"]
     assert "F 0-" in rows["TP, own tokens"] and "experts, whole" in rows["EP"]
     assert all("(ok)" in row for row in rows.values())
