@@ -17,7 +17,7 @@ batch (bf16, 2 threads, greedy, ``max_new_tokens = min_new_tokens = 64``, left
 padding), timed on its first call in that process, cold as epmoe's loop is, and
 on a second call (warm). The two kinds alternate; the figures are medians over
 the repetitions. Writes ``results/generate_offline_<date>.json`` and rewrites
-SERVING.md through ``serving.py``'s writer (its "Offline generate" section).
+SERVING.md through ``serving_report.py`` (its "Offline generate" section).
 """
 
 from __future__ import annotations
@@ -192,9 +192,9 @@ def main(model: str = str(HERE / ".serving_model"), reps: int = 3, num_prompts: 
           f"{s['ratio_epmoe_to_transformers_cold']['median']:.2f} (cold), "
           f"{s['ratio_epmoe_to_transformers_warm']['median']:.2f} (warm); wrote {path}")
     if markdown:
-        import serving
+        import serving_report
 
-        serving.rewrite_markdown()
+        serving_report.rewrite_markdown()
     return summary
 
 
