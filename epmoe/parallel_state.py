@@ -260,6 +260,9 @@ def world_barrier(state: ParallelState, what: str) -> None:
 def destroy_distributed(state: ParallelState | None = None) -> None:
     """End the process group, if one was started, and the heartbeat (``state``'s, or
     without ``state`` every one of this process); safe to call more than once."""
+    from .shm import detach
+
+    detach()  # (shared-memory all-to-alls of the groups about to go)
     if state is not None and state.heartbeat is not None:
         state.heartbeat.stop()
     else:

@@ -12,8 +12,9 @@ How: each rank of the group owns two buffers of ``cap`` bytes in one
 ``/dev/shm`` segment (made by the group's first rank) and a row of the header:
 a sequence number, its process id, and per parity an overflow flag and its
 send splits. For collective ``n`` a rank copies its rows into buffer ``n % 2``,
-writes its splits for that parity, then its sequence number (x86 keeps stores in order), spins until every
-rank has reached ``n``, and copies its slice out of each rank's buffer. Two
+writes its splits for that parity, then its sequence number (x86 keeps stores
+in order: used only on x86), spins until every rank has reached ``n``, and
+copies its slice out of each rank's buffer. Two
 buffers are enough: a rank writes buffer ``n % 2`` again only at ``n + 2``,
 after everyone arrived at ``n + 1``, hence finished reading ``n``. A payload
 over ``cap`` on any rank sends the whole collective through gloo instead
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import platform
 import time
 from pathlib import Path
 
@@ -150,9 +152,17 @@ def attach(group, cap: int = 64 << 20, timeout_s: float = 60.0) -> ShmAllToAll |
         return _GROUPS.get(group)
     size = dist.get_world_size(group)
     hosts = [None] * size
-    mine = (os.uname().nodename, dist.get_backend(group), os.path.isdir("/dev/shm"))
+    # The protocol leans on x86's store order (the rows before the sequence number);
+    # and a /dev/shm too small for the buffers would end a rank with SIGBUS mid-copy.
+    need = 2 * cap * size + 8 * (_HEAD + 2 * size) * size + 64
+    room = False
+    if os.path.isdir("/dev/shm"):
+        st = os.statvfs("/dev/shm")
+        room = st.f_bavail * st.f_frsize >= need
+    mine = (os.uname().nodename, dist.get_backend(group),
+            platform.machine() in ("x86_64", "AMD64"), room)
     dist.all_gather_object(hosts, mine, group=group)
-    if size == 1 or len(set(hosts)) != 1 or hosts[0][1:] != ("gloo", True):
+    if size == 1 or len(set(hosts)) != 1 or hosts[0][1:] != ("gloo", True, True):
         return None
     _GROUPS[group] = ShmAllToAll(group, dist.get_rank(group), size, cap, timeout_s)
     return _GROUPS[group]

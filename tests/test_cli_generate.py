@@ -58,7 +58,8 @@ def test_prompt_ids_without_tokenizer_and_bad_input(tmp_path):
         assert f"[{i}] (rank {i % 2}) '{','.join(map(str, ids))}' -> {want}\n" in p.stdout
     for args, message in [(["--prompt", "Hello"], "has no tokenizer: give prompts as --prompt-ids"),
                           (["--prompt-ids", "1,x"], "--prompt-ids takes comma-separated integers"),
-                          ([], "no prompt: give --prompt, --prompt-ids, --prompts-file or --prompt-ids-file"),
+                          ([], "no prompt: give --prompt, --prompt-ids, --prompts-file or "
+                               "--prompt-ids-file"),
                           (["--prompt-ids", "1,300"], "token ids must lie in [0, 259)"),
                           (["--prompt-ids", "1", "--max-new-tokens", "0"],
                            "--max-new-tokens must be >= 1"),
@@ -66,3 +67,18 @@ def test_prompt_ids_without_tokenizer_and_bad_input(tmp_path):
         p = subprocess.run([sys.executable, "-m", "epmoe", "generate", "--model", str(path),
                             *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
+
+
+def test_id_lines_are_ids_never_text(tmp_path):
+    """A --prompts-file line of comma-separated integers is refused (not read as text);
+    --prompt-ids-file takes such lines as token ids."""
+    from epmoe.cli.generate import _prompts
+
+    path = save_tiny_checkpoint("qwen3_moe", tmp_path / "m", seed=1)
+    (tmp_path / "text.txt").write_text("Hello\n27674,12627,3\n")
+    with pytest.raises(ValueError, match=r"line 2 is comma-separated integers .*"
+                                         r"--prompt-ids-file"):
+        _prompts(path, [], [], str(tmp_path / "text.txt"), None)
+    (tmp_path / "ids.txt").write_text("1,2,3\n\n250, 7\n")
+    _, prompts = _prompts(path, ["2024"], [], None, str(tmp_path / "ids.txt"))
+    assert prompts == [("2024", list(b"2024")), ("1,2,3", [1, 2, 3]), ("250,7", [250, 7])]

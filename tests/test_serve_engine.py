@@ -42,8 +42,7 @@ def _req(rid: str, n_prompt: int, max_tokens: int = 4, **kw) -> Request:
 
 
 def test_scheduler_decodes_first_then_chunks_prompts_within_the_budget():
-    s = Scheduler(BlockAllocator(10), block_size=4, max_num_seqs=3, max_num_batched_tokens=8,
-                  max_waiting=10)
+    s = Scheduler(BlockAllocator(10), block_size=4, max_num_seqs=3, max_num_batched_tokens=8)
     a, b, c, d = (s.add(_req(x, n)) for x, n in (("a", 5), ("b", 6), ("c", 2), ("d", 1)))
     plan = s.schedule()  # a: 5 tokens, b: the 3 left of the budget; c waits (budget spent)
     assert [(q.request.request_id, n) for q, n in plan] == [("a", 5), ("b", 3)]
@@ -63,8 +62,7 @@ def test_scheduler_decodes_first_then_chunks_prompts_within_the_budget():
 
 
 def test_scheduler_waits_for_blocks_first_come_first_served():
-    s = Scheduler(BlockAllocator(4), block_size=4, max_num_seqs=8, max_num_batched_tokens=64,
-                  max_waiting=10)
+    s = Scheduler(BlockAllocator(4), block_size=4, max_num_seqs=8, max_num_batched_tokens=64)
     big, small = s.add(_req("big", 9, 8)), s.add(_req("small", 1))
     s.add(_req("next", 12, 5))  # 16 tokens: 4 blocks, never fits beside "big" (4 blocks)
     assert s.fits_ever(_req("x", 12, 5)) and not s.fits_ever(_req("x", 12, 6))
@@ -258,3 +256,18 @@ def _gather_worker() -> list:
 def test_gather_small_in_one_round_or_two():
     out = run_ranks(_gather_worker, 2, deadline_s=60)
     assert out[0] == out[1] == [[("r", 0), ("r", 1)], [0, 3000]]
+
+
+def test_a_step_that_only_reads_part_of_a_prompt(tiny):
+    """A prompt longer than the step's budget on an otherwise idle engine: the first steps
+    sample nothing (no logits rows at all), and the tokens still equal the reference."""
+    model = from_pretrained(tiny["qwen3_moe"], epmoe.single_process_state("cpu"),
+                            dtype="float32")
+    engine = Engine(model, EngineConfig(max_model_len=64, max_num_seqs=2,
+                                        max_num_batched_tokens=8), (EOS,), torch.device("cpu"))
+    ids = [(j * 13 + 5) % 256 for j in range(30)]
+    got = run_engine(engine, [Request("long", tuple(ids), SamplingParams(
+        max_tokens=4, temperature=0, ignore_eos=True))])
+    assert got["long"] == reference(tiny["qwen3_moe"], tuple(ids), 4)
+    with pytest.raises(ValueError, match=r"max_num_batched_tokens \(4\) must be >= max_num_seqs"):
+        EngineConfig(max_model_len=64, max_num_seqs=8, max_num_batched_tokens=4)

@@ -146,10 +146,15 @@ def main(model: str, prompt: list[str], prompt_ids: list[str], prompts_file: str
         config = EngineConfig(max_model_len=longest, max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max_num_batched_tokens)
         engine = Engine(m, config, _eos_ids(model_dir, m.config), state.device)
+        requests = [Request(str(i), tuple(ids), params(i)) for i, (_, ids) in enumerate(prompts)]
+        if not all(engine.scheduler.fits_ever(r) for r in requests):  # (the same on every rank)
+            raise ValueError(f"the KV cache ({engine.cache.num_blocks} blocks of "
+                             f"{config.block_size} tokens) cannot hold the longest prompt with "
+                             f"--max-new-tokens {max_new_tokens}")
         mine = {str(i): (i, p) for i, p in enumerate(prompts) if i % state.world_size ==
                 state.rank}
-        for rid, (i, (_, ids)) in mine.items():
-            engine.add(Request(rid, tuple(ids), params(i)))
+        for rid in mine:
+            engine.add(requests[int(rid)])
         new: dict[str, list[int]] = {rid: [] for rid in mine}
         t0 = time.perf_counter()
         world = dist.group.WORLD if dist.is_initialized() else None
@@ -166,7 +171,7 @@ def main(model: str, prompt: list[str], prompt_ids: list[str], prompts_file: str
             text = tokenizer.decode(new[rid], skip_special_tokens=True) if tokenizer else None
             results.append((i, state.rank, shown, new[rid], text))
         report = (state.rank, sum(len(v) for v in new.values()), seconds,
-                  m.epmoe.dummy_steps, None)
+                  m.epmoe.dummy_steps)
         gathered = gather_objects((results, report), world)
         if state.rank == 0:
             _print(model_dir, m, state, gathered, max_new_tokens, temperature)
@@ -188,7 +193,6 @@ def _print(model_dir: Path, m, state, gathered, max_new_tokens: int,
         ids = ",".join(map(str, new))
         print(f"[{i}] (rank {rank}) {shown!r} -> " + (f"{text!r} [{ids}]" if text is not None
                                                       else ids))
-    for _, (rank, n, seconds, dummy, error) in gathered:
+    for _, (rank, n, seconds, dummy) in gathered:
         print(f"rank {rank}: {n} new tokens in {seconds:.2f} s ({n / max(seconds, 1e-9):.1f} "
-              f"tokens/s), {dummy} zero steps after its own prompts" +
-              (f"; FAILED: {error}" if error else ""))
+              f"tokens/s), {dummy} zero steps after its own prompts")

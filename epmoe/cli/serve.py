@@ -97,6 +97,9 @@ def check_options(model_dir: Path, port: int, max_num_seqs: int, max_num_batched
                     ("--max-num-batched-tokens", max_num_batched_tokens)):
         if v < 1:
             raise ValueError(f"{flag} must be >= 1, got {v}")
+    if max_num_batched_tokens < max_num_seqs:
+        raise ValueError(f"--max-num-batched-tokens ({max_num_batched_tokens}) must be >= "
+                         f"--max-num-seqs ({max_num_seqs})")
     if not kv_cache_gb > 0:
         raise ValueError(f"--kv-cache-gb must be > 0, got {kv_cache_gb}")
     for flag, v in (("--max-waiting", max_waiting),

@@ -33,9 +33,8 @@ class EngineStats:
     steps: int = 0  # engine steps (model forwards of the group) so far
     tokens_per_expert: tuple[tuple[int, ...], ...] = ()  # [L][E] group-wide, cumulative
     balancedness: tuple[float, ...] = ()  # [L] mean over max of per-rank expert rows
-    # bytes of token rows all ranks sent to other ranks in dispatch and got back in combine,
-    # cumulative: one row per (token, expert) pair whose expert is elsewhere (alltoall
-    # sends a token once per rank, so its wire carries at most this)
+    # bytes of token rows all ranks put on the wire to other ranks in dispatch and got
+    # back in combine, cumulative (each MoE layer's rows_sent)
     dispatch_bytes: int = 0
     extra: dict = field(default_factory=dict)
 

@@ -46,7 +46,7 @@ class RankReport(NamedTuple):
     kv_blocks_used: int
     has_work: bool
     tokens_per_expert: list[list[int]]  # [L][E] this rank's token choices since the last report
-    remote_bytes: int  # token rows to and from other ranks since the last report
+    remote_bytes: int  # bytes of token rows to and from other ranks since the last report
 
 
 class Engine:
@@ -73,12 +73,13 @@ class Engine:
             attach(state.ep_group, timeout_s=state.timeout_s)  # (a collective of the group)
         for layer in self.lockstep.layers:
             layer.count_tokens = True
+        layers = self.lockstep.layers  # per-layer statistics between two reports:
+        self._counts_LE = torch.zeros((len(layers), max(lay.config.num_experts for lay in layers)),
+                                      dtype=torch.int64, device=device)  # token choices
+        self._rows_reported = [self._remote_rows(lay) for lay in layers]  # rows sent so far
         # A probe step on one block learns each layer's key and value shapes; then the
         # cache gets as many blocks as kv_cache_bytes holds (none needed past max_num_seqs
         # full-length sequences).
-        self._counts = [torch.zeros(layer.config.num_experts, dtype=torch.int64)
-                        for layer in self.lockstep.layers]
-        self._remote_bytes = 0
         self.cache = KVCache(1, config.block_size, device)
         self._forward([([0], 0, 1)], torch.zeros(1, dtype=torch.long), [0], None)
         per_block = self.cache.bytes_per_token * config.block_size
@@ -89,13 +90,10 @@ class Engine:
                              f"{per_block} bytes ({config.block_size} tokens)")
         self.cache = KVCache(num_blocks, config.block_size, device)
         self.scheduler = Scheduler(BlockAllocator(num_blocks), config.block_size,
-                                   config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.max_waiting)
+                                   config.max_num_seqs, config.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
         self._generators: dict[str, torch.Generator | None] = {}
-        for c in self._counts:
-            c.zero_()  # (the probe's token)
-        self._remote_bytes = 0
+        self.report([])  # (forget the probe's token)
         self.steps = 0
 
     # ------------------------------------------------------------------ requests
@@ -128,11 +126,22 @@ class Engine:
     def has_work(self) -> bool:
         return self.scheduler.has_work
 
+    @staticmethod
+    def _remote_rows(layer) -> int:
+        return sum(layer.rows_sent) - layer.rows_sent[layer.state.ep_rank]
+
     def report(self, outputs: list[StepOutput]) -> RankReport:
-        counts = [c.tolist() for c in self._counts]
-        for c in self._counts:
-            c.zero_()
-        s, sent, self._remote_bytes = self.scheduler, self._remote_bytes, 0
+        layers = self.lockstep.layers
+        counts = [row[: lay.config.num_experts] for row, lay in
+                  zip(self._counts_LE.tolist(), layers, strict=True)]  # NOTE: one host sync
+        self._counts_LE.zero_()
+        # Token rows this rank put on the wire to other ranks in dispatch, and got back in
+        # combine (the layers count them: MoE layer's rows_sent).
+        now = [self._remote_rows(lay) for lay in layers]
+        sent = sum(2 * (n - b) * lay.config.hidden_size * lay.config.dtype.itemsize
+                   for n, b, lay in zip(now, self._rows_reported, layers, strict=True))
+        self._rows_reported = now
+        s = self.scheduler
         return RankReport(outputs, len(s.running), len(s.waiting),
                           s.allocator.num_blocks - s.allocator.free, s.has_work, counts, sent)
 
@@ -155,7 +164,8 @@ class Engine:
             if start + n == len(seq.tokens):  # caught up: it gets its next token now
                 rows.append(last)
         sampled = [seq for seq, n in plan if seq.num_computed + n == len(seq.tokens)]
-        logits_RV = self._forward(segments, torch.tensor(ids), pos, torch.tensor(rows))
+        logits_RV = self._forward(segments, torch.tensor(ids, dtype=torch.long), pos,
+                                  torch.tensor(rows, dtype=torch.long))  # (rows may be [])
         for seq, n in plan:
             seq.num_computed += n
         tokens = sample(logits_RV, [s.request.params for s in sampled],
@@ -187,14 +197,7 @@ class Engine:
                              use_cache=False,
                              logits_to_keep=(rows_R if rows_R is not None
                                              else torch.tensor([len(pos) - 1])).to(self.device))
-        for layer, c in zip(self.lockstep.layers, self._counts, strict=True):
+        for i, layer in enumerate(self.lockstep.layers):
             if layer._load_E is not None:
-                load_E = layer._load_E.cpu()  # NOTE: host sync, once per MoE layer and step
-                c += load_E
-                # (token, expert) pairs sent to another rank, there and back (copies of an
-                # expert share its pairs evenly: choose_replicas' expected split).
-                rows = float(load_E.sum() - layer.expert_map.rank_loads(load_E)[
-                    layer.state.ep_rank])
-                self._remote_bytes += int(2 * rows * layer.config.hidden_size *
-                                          layer.config.dtype.itemsize)
+                self._counts_LE[i] += layer._load_E  # (on the device: no sync here)
         return out.logits[0].float()

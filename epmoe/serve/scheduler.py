@@ -15,8 +15,8 @@ generated so far). Each step:
 Admission reserves KV blocks for the request's whole length (prompt plus
 ``max_tokens``), as mini-sglang does, so a running sequence never needs a
 block that is not there: no preemption, and memory is bounded by the cache's
-size whatever the load. Requests that do not fit wait, up to ``max_waiting``;
-past that the front answers 429.
+size whatever the load. Requests that do not fit wait (the front bounds how many
+are in flight, see ``EngineConfig.max_waiting``).
 """
 
 from __future__ import annotations
@@ -57,12 +57,11 @@ class Scheduler:
     """Queues of one rank; see the module docstring."""
 
     def __init__(self, allocator: BlockAllocator, block_size: int, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_waiting: int) -> None:
+                 max_num_batched_tokens: int) -> None:
         self.allocator = allocator
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.max_waiting = max_waiting
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admitted, in admission order
 

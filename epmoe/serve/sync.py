@@ -107,9 +107,10 @@ def _stats(prev: EngineStats, reports: list[RankReport], engine: Engine) -> Engi
                            for layer, row in zip(layers, totals, strict=True)))
 
 
-def gather_small(obj, device: torch.device, group, cap: int = 8192) -> list:
+def gather_small(obj, device: torch.device, group, cap: int = 65536) -> list:
     """Every rank's picklable ``obj``, by rank, in one all-gather while each pickles to at
-    most ``cap`` bytes (a step's reports and a few requests do); a second round with
+    most ``cap`` bytes (a step's reports, with their [L][E] expert counts, and a few
+    requests do; 48 layers of 128 experts pickle to about 19 KB); a second round with
     the longest size otherwise. ``all_gather_object`` always takes two rounds, and each
     round costs about a millisecond on this CPU (gloo's wake-ups)."""
     if group is None:
