@@ -20,12 +20,14 @@ import time
 from collections.abc import Iterator
 
 import httpx
+import numpy as np
 import openai
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from epmoe.hf.tiny import _byte_tokenizer
+from epmoe.placement import expert_map  # noqa: E402
 from epmoe.serve.api import build_app, serve_http
 from epmoe.serve.client import EngineClient, EngineStats
 from epmoe.serve.detokenize import IncrementalDetokenizer, TextStream
@@ -562,7 +564,7 @@ def test_metrics(server):
     server.openai().completions.create(model=MODEL, prompt="m", max_tokens=3)
     server.client.stats = EngineStats(
         running=(2, 1), waiting=(0, 3), kv_blocks_used=(5, 10), kv_blocks_total=20, steps=9,
-        tokens_per_expert=((4, 0, 2), (1, 1, 4)), balancedness=(0.75, 0.5),
+        tokens_LE=np.array([[4, 0, 2], [1, 1, 5]]), expert_maps=(expert_map(3, 2),) * 2,
         dispatch_bytes=4096)
     text = httpx.get(server.url + "/metrics").text
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
@@ -574,8 +576,9 @@ def test_metrics(server):
     assert value("epmoe:num_requests_running", rank="1") == 1
     assert value("epmoe:num_requests_waiting", rank="1") == 3
     assert value("epmoe:kv_cache_usage_perc", rank="1") == 0.5
-    assert value("epmoe:moe_expert_tokens_total", layer="1", expert="2") == 4
-    assert value("epmoe:moe_balancedness", layer="0") == 0.75
+    assert value("epmoe:moe_expert_tokens_total", layer="1", expert="2") == 5
+    assert value("epmoe:moe_balancedness", layer="0") == 0.75  # ranks: experts 0-1, 2
+    assert value("epmoe:moe_balancedness", layer="1") == 3.5 / 5
     assert value("epmoe:moe_dispatch_bytes_total") == 4096
     assert value("epmoe:engine_steps_total") == 9
     assert value("epmoe:request_success_total", finished_reason="length") >= 1

@@ -16,6 +16,9 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import numpy as np
+import torch
+
 from .types import EngineDead, QueueFull, Request, StepOutput
 
 __all__ = ["EngineClient", "EngineStats"]
@@ -23,20 +26,33 @@ __all__ = ["EngineClient", "EngineStats"]
 
 @dataclass(frozen=True)
 class EngineStats:
-    """A snapshot for ``/metrics``, written by the engine thread after each step.
-    Lists indexed by rank are ``[W]``; by MoE layer ``[L]``."""
+    """A snapshot for ``/metrics``, written by the engine thread after each step; what costs
+    more than an addition (balancedness) is computed when read, at scrape time. Lists
+    indexed by rank are ``[W]``; by MoE layer ``[L]``."""
 
     running: tuple[int, ...] = ()  # [W] requests in the running batch of each rank
     waiting: tuple[int, ...] = ()  # [W] requests admitted to a rank but not yet running
     kv_blocks_used: tuple[int, ...] = ()  # [W]
     kv_blocks_total: int = 0  # per rank
     steps: int = 0  # engine steps (model forwards of the group) so far
-    tokens_per_expert: tuple[tuple[int, ...], ...] = ()  # [L][E] group-wide, cumulative
-    balancedness: tuple[float, ...] = ()  # [L] mean over max of per-rank expert rows
+    tokens_LE: np.ndarray | None = None  # [L, E] token choices per expert, group-wide, so far
+    expert_maps: tuple = ()  # [L] each MoE layer's ExpertMap (who holds which expert)
     # bytes of token rows all ranks put on the wire to other ranks in dispatch and got
     # back in combine, cumulative (each MoE layer's rows_sent)
     dispatch_bytes: int = 0
     extra: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_expert(self) -> list[list[int]]:  # [L][E]
+        return [] if self.tokens_LE is None else self.tokens_LE.tolist()
+
+    @property
+    def balancedness(self) -> tuple[float, ...]:
+        """[L] mean over max of the rows each rank's experts computed (1.0: even)."""
+        if self.tokens_LE is None:
+            return ()
+        return tuple(m.balancedness(torch.from_numpy(row[: m.num_experts]))
+                     for m, row in zip(self.expert_maps, self.tokens_LE, strict=True))
 
 
 class EngineClient:

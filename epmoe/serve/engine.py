@@ -45,7 +45,8 @@ class RankReport(NamedTuple):
     waiting: int
     kv_blocks_used: int
     has_work: bool
-    tokens_per_expert: list[list[int]]  # [L][E] this rank's token choices since the last report
+    tokens_per_expert: list[list[int]]  # [L][E] this rank's token choices since the last
+    #   report (E: the most experts of any layer; a layer with fewer has zeros past its own)
     remote_bytes: int  # bytes of token rows to and from other ranks since the last report
 
 
@@ -132,8 +133,7 @@ class Engine:
 
     def report(self, outputs: list[StepOutput]) -> RankReport:
         layers = self.lockstep.layers
-        counts = [row[: lay.config.num_experts] for row, lay in
-                  zip(self._counts_LE.tolist(), layers, strict=True)]  # NOTE: one host sync
+        counts = self._counts_LE.tolist()  # NOTE: one host sync per step
         self._counts_LE.zero_()
         # Token rows this rank put on the wire to other ranks in dispatch, and got back in
         # combine (the layers count them: MoE layer's rows_sent).

@@ -30,6 +30,7 @@ import pickle
 import threading
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -89,22 +90,17 @@ def _orders(client: EngineClient, balance: LeastLoad, timeout: float | None,
 
 
 def _stats(prev: EngineStats, reports: list[RankReport], engine: Engine) -> EngineStats:
-    """The next snapshot for /metrics: queues now, tokens per expert summed over ranks."""
-    totals = [list(row) for row in prev.tokens_per_expert] or \
-        [[0] * len(row) for row in reports[0].tokens_per_expert]
-    for r in reports:
-        for i, row in enumerate(r.tokens_per_expert):
-            for e, c in enumerate(row):
-                totals[i][e] += c
-    layers = engine.lockstep.layers
+    """The next snapshot for /metrics: queues now, tokens per expert summed (no more: the
+    engine thread holds the GIL that rank 0's HTTP front needs)."""
+    step_LE = np.array([r.tokens_per_expert for r in reports], dtype=np.int64).sum(0)
     return EngineStats(
         running=tuple(r.running for r in reports), waiting=tuple(r.waiting for r in reports),
         kv_blocks_used=tuple(r.kv_blocks_used for r in reports),
         kv_blocks_total=engine.scheduler.allocator.num_blocks, steps=engine.steps,
-        tokens_per_expert=tuple(map(tuple, totals)),
-        dispatch_bytes=prev.dispatch_bytes + sum(r.remote_bytes for r in reports),
-        balancedness=tuple(layer.expert_map.balancedness(torch.tensor(row))
-                           for layer, row in zip(layers, totals, strict=True)))
+        tokens_LE=step_LE if prev.tokens_LE is None else prev.tokens_LE + step_LE,
+        expert_maps=tuple(lay.expert_map for lay in engine.lockstep.layers),  # (rebalancing
+        #   replaces them)
+        dispatch_bytes=prev.dispatch_bytes + sum(r.remote_bytes for r in reports))
 
 
 def gather_small(obj, device: torch.device, group, cap: int = 65536) -> list:
