@@ -47,7 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="KV-cache memory per rank, GiB (requests wait for room; none is "
                         "preempted)")
     p.add_argument("--max-waiting", type=int, default=1024,
-                   help="requests queued per rank beyond the running ones; past that, 429")
+                   help="requests in flight per rank beyond --max-num-seqs; the server "
+                        "answers 429 past ranks x (max-num-seqs + max-waiting)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     p.add_argument("--all2all-backend", default="alltoall", choices=BACKENDS,
                    help="how the MoE layers dispatch and combine")
