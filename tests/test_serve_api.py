@@ -58,7 +58,8 @@ TOK = _tokenizer()
 class FakeEngine:
     """Answers every request with REPLY_IDS, cycled, one token per step, honouring
     max_tokens, EOS / ignore_eos, stop_token_ids and aborts. A prompt that starts
-    with ``hold`` gets no token until it is aborted."""
+    with ``hold`` gets no token until it is aborted; one that starts with ``huge`` is
+    refused on arrival."""
 
     def __init__(self, client: EngineClient, step_s: float = 0.001) -> None:
         self.client, self.step_s = client, step_s
@@ -90,6 +91,11 @@ class FakeEngine:
             for rid, state in list(self._active.items()):
                 req, i = state
                 if bytes(req.prompt_ids[:4]) == b"hold":
+                    continue
+                if bytes(req.prompt_ids[:4]) == b"huge":  # as Engine.add refuses a request
+                    outs.append(StepOutput(rid, (), "error", len(req.prompt_ids),  # that can
+                                           "exceeds the KV cache"))  # never fit its cache
+                    del self._active[rid]
                     continue
                 tok, p = REPLY_IDS[i % len(REPLY_IDS)], req.params
                 state[1] = i + 1
@@ -586,3 +592,13 @@ def test_metrics(server):
     assert value("epmoe:e2e_request_latency_seconds_count") >= 1
     assert value("epmoe:generation_tokens_total") >= 3
     assert value("epmoe:prompt_tokens_total") >= 1
+
+
+def test_a_request_the_engine_refuses_on_arrival_is_a_400(server):
+    for stream in (False, True):
+        r = httpx.post(server.url + "/v1/completions", timeout=10,
+                       json={"model": MODEL, "prompt": "huge", "max_tokens": 4,
+                             "stream": stream})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert "exceeds the KV cache" in err["message"] and err["param"] == "max_tokens"

@@ -207,7 +207,8 @@ class _Front:
                      t0: float) -> AsyncIterator[_Event]:
         """The response step by step; ends with an event that has a finish_reason.
         Raises QueueFull / EngineDead (before any event or, EngineDead, later), _ClientGone,
-        or _HTTPError(500) when the engine reports an error for this request."""
+        or _HTTPError: 400 when the engine refuses the request on arrival (more than its KV
+        cache can ever hold), 500 when it fails later."""
         n_prompt, n_out, first = len(req.prompt_ids), 0, True
         reason: str | None = "abort"  # what the metrics count if we leave early
         admitted = False  # the engine has answered at least once
@@ -220,6 +221,10 @@ class _Front:
                         first = False
                     n_out += len(out.new_token_ids)
                     if out.finish_reason == "error":
+                        if n_out == 0 and first:  # refused on arrival (it can never fit the
+                            reason = None  # rank's KV cache): the request's fault, a 400
+                            raise _HTTPError(400, f"the engine cannot run this request: "
+                                                  f"{out.error}", "max_tokens")
                         reason = "error"
                         raise _HTTPError(500, f"the engine failed: {out.error}")
                     text, stopped = stream.push(out.new_token_ids, out.finished)
