@@ -271,3 +271,19 @@ def test_a_step_that_only_reads_part_of_a_prompt(tiny):
     assert got["long"] == reference(tiny["qwen3_moe"], tuple(ids), 4)
     with pytest.raises(ValueError, match=r"max_num_batched_tokens \(4\) must be >= max_num_seqs"):
         EngineConfig(max_model_len=64, max_num_seqs=8, max_num_batched_tokens=4)
+
+
+def test_batched_filtering_equals_each_row_alone():
+    torch.manual_seed(1)
+    logits = torch.randn(5, 40)
+    logits[3, :4] = 2.0  # ties at the k-th score
+    params = [SamplingParams(temperature=0.7, top_k=5), SamplingParams(top_p=0.6),
+              SamplingParams(temperature=1.3, top_k=10, top_p=0.9),
+              SamplingParams(top_k=3), SamplingParams(top_k=-1, top_p=1.0)]
+    from epmoe.serve.sampling import _filtered_probs_batch
+
+    batch = _filtered_probs_batch(logits, params)
+    for i, p in enumerate(params):
+        assert torch.allclose(batch[i], _filtered_probs(logits[i], p), atol=1e-6), i
+    drawn = sample(logits, params, [None] * 5)
+    assert all(batch[i, t] > 0 for i, t in enumerate(drawn))  # only kept tokens are drawn
