@@ -91,9 +91,7 @@ class ExpertParallelMoE(nn.Module):
         self._where = f"{name} on rank {state.rank}"
         check_same_config(config, state, name)
         self.collect_stats = collect_stats  # fill self.last_stats on every forward
-        # Count this rank's token choices per expert in _load_E (a bincount, no sync):
-        # the serving engine's per-expert metrics read it after each forward.
-        self.count_tokens = False
+        self.count_tokens = False  # count choices per expert in _load_E (serving's metrics)
         self.last_stats: MoEStats | None = None
         # Token rows put on the wire to each EP rank over all forwards (the entry for
         # self stays local). Free to keep: the split sizes are host ints anyway.
@@ -309,8 +307,8 @@ class ExpertParallelMoE(nn.Module):
         # low_latency: one round (its limit is max_tokens_per_rank); else chunks.
         step = max(T, 1) if c.all2all_backend == "low_latency" else c.max_chunk_tokens
         outs, start = [], 0
-        counting = self.load is not None or self._balancing or c.bias_update_rate or \
-            self.count_tokens
+        counting = (self.load is not None or self._balancing or c.bias_update_rate
+                    or self.count_tokens)
         self._load_E = torch.zeros(c.num_experts, dtype=torch.int64, device=x_TH.device) \
             if counting else None
         self._probs_E = self._z = None  # (sums over this rank's tokens, with gradients)
