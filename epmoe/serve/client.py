@@ -14,7 +14,7 @@ import asyncio
 import queue
 import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -40,7 +40,6 @@ class EngineStats:
     # bytes of token rows all ranks put on the wire to other ranks in dispatch and got
     # back in combine, cumulative (each MoE layer's rows_sent)
     dispatch_bytes: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def tokens_per_expert(self) -> list[list[int]]:  # [L][E]
