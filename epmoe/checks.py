@@ -14,9 +14,11 @@ from .collectives import gather_ints, gather_objects
 from .config import MoEConfig
 from .errors import InputError, Problem
 from .health import guarded
+from .ops import capturing
 from .parallel_state import ParallelState
 
-__all__ = ["check_finite", "check_full_weights", "check_input", "check_same_config"]
+__all__ = ["check_finite", "check_full_weights", "check_input", "check_routing",
+           "check_same_config"]
 
 
 def check_input(x, config: MoEConfig, device: torch.device, where: str) -> InputError | None:
@@ -37,13 +39,59 @@ def check_input(x, config: MoEConfig, device: torch.device, where: str) -> Input
     return None
 
 
-def check_finite(x_TH: Tensor, logits_TE: Tensor, weights_TK: Tensor,
+def check_routing(routing, x_TH: Tensor, config: MoEConfig,
+                  where: str) -> tuple[tuple[Tensor, Tensor] | None, InputError | None]:
+    """The routing given to a forward: none with epmoe's own router; with
+    ``router="given"``, weights ``[T, k]`` (floating) and expert ids ``[T, k]`` (integer,
+    in ``0..E-1``) on x's device (``None`` stands for no routing of T = 0 tokens).
+    Returns the routing to use and this rank's problem, if any."""
+    c, T = config, x_TH.shape[0]
+    if c.router == "epmoe":
+        if routing is None:
+            return None, None
+        return None, InputError(Problem.ROUTING, 0, f"{where} routes its tokens itself "
+                                "(MoEConfig.router='epmoe'): call it without routing, or "
+                                "build it with router='given'")
+    if routing is None and T == 0:
+        return _no_routing(c, x_TH.device), None
+    ok = isinstance(routing, tuple | list) and len(routing) == 2 and all(
+        isinstance(t, Tensor) and t.shape == (T, c.top_k) and t.device == x_TH.device
+        for t in routing)
+    if ok:
+        w, ids = routing
+        ok = w.is_floating_point() and not ids.is_floating_point() and not ids.is_complex()
+    if not ok:
+        got = [(tuple(t.shape), t.dtype) if isinstance(t, Tensor) else type(t).__name__
+               for t in routing] if isinstance(routing, tuple | list) else routing
+        return None, InputError(Problem.ROUTING, 0, f"{where} (MoEConfig.router='given') "
+                                f"needs routing=(weights [T, {c.top_k}] floating, expert ids "
+                                f"[T, {c.top_k}] integer) on {x_TH.device} for its {T} tokens, "
+                                f"got {got}")
+    # NOTE: one host sync (the ids' range), free on the CPU; a bad id would index past the
+    # placement tables instead of raising.
+    if T and not capturing() and not bool(((ids >= 0) & (ids < c.num_experts)).all()):
+        return None, InputError(Problem.ROUTING, 0, f"{where}: routing ids must be expert "
+                                f"ids in 0..{c.num_experts - 1}, got {ids.min().item()}.."
+                                f"{ids.max().item()}")
+    return (w, ids.long()), None
+
+
+def _no_routing(config: MoEConfig, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The routing of zero tokens (a rank with nothing to send joins the dispatch)."""
+    return (torch.empty((0, config.top_k), dtype=torch.float32, device=device),
+            torch.empty((0, config.top_k), dtype=torch.int64, device=device))
+
+
+def check_finite(x_TH: Tensor, logits_TE: Tensor | None, weights_TK: Tensor,
                  where: str) -> InputError | None:
     """NaN or Inf in the tokens or their routing (config.nonfinite="raise"). A non-finite
     token makes all its logits non-finite, so the small [T, E] logits are checked, not the
-    [T, H] tokens (which only the error message reads)."""
+    [T, H] tokens (which only the error message reads). With a given routing (no logits
+    here) the tokens themselves are checked."""
     # NOTE: one host sync per chunk (free on the CPU); nonfinite="propagate" skips it.
-    if bool((torch.isfinite(logits_TE).all() & torch.isfinite(weights_TK).all()).item()):
+    scores = torch.isfinite(logits_TE).all() if logits_TE is not None else \
+        torch.isfinite(x_TH).all()
+    if bool((scores & torch.isfinite(weights_TK).all()).item()):
         return None
     bad_T = ~torch.isfinite(x_TH).all(dim=1)
     hint = ("(MoEConfig.nonfinite='raise'; 'propagate' lets them through, each such token "

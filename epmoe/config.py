@@ -16,7 +16,8 @@ import torch
 __all__ = ["MoEConfig", "optional_weight_shapes", "parse_dtype"]
 
 SCORINGS = ("softmax", "sigmoid")
-ACTIVATIONS = ("silu", "gelu", "clamped_swiglu")
+ACTIVATIONS = ("silu", "gelu", "clamped_swiglu", "custom")
+ROUTERS = ("epmoe", "given")
 PLACEMENTS = ("linear", "round_robin")
 GROUP_SCORINGS = ("top2_sum", "max")
 BACKENDS = ("alltoall", "allgather_reducescatter", "low_latency")
@@ -65,7 +66,8 @@ class MoEConfig:
     top_k: int = 2  # k: experts chosen per token
     scoring: str = "softmax"  # router scores: "softmax" over experts, or "sigmoid" per expert
     renormalize: bool = True  # rescale the k chosen weights to sum to 1 (Mixtral: True)
-    activation: str = "silu"  # "silu": SwiGLU; "gelu": gated exact GELU; "clamped_swiglu": GPT-OSS
+    activation: str = "silu"  # "silu": SwiGLU; "gelu": gated exact GELU; "clamped_swiglu": GPT-OSS;
+    #   "custom": the gated product given to the layer (ExpertParallelMoE(glu=...): a model's own)
     dtype: torch.dtype = torch.float32  # weights, tokens and outputs; a name is accepted too
     placement: str = "linear"  # experts to ranks: "linear" (contiguous blocks) or "round_robin"
     parallelism: str = "expert"  # "expert": each rank holds whole experts and tokens travel
@@ -76,6 +78,10 @@ class MoEConfig:
     #   every rank passes the same tokens, the partial outputs summed by one all-reduce
 
     # --- routers of the model families ---
+    router: str = "epmoe"  # "epmoe": the layer routes its tokens (the fields below); "given":
+    #   each forward is given the routing, forward(x, routing=(weights [T, k], ids [T, k])),
+    #   from the model's own router (transformers' experts seam, epmoe.hf.seam); the layer
+    #   then has no router weight, and the fields below and the balancing losses are unused
     router_bias: bool = False  # logits = x W^T + b (GPT-OSS)
     router_fp32: bool = False  # router weight kept and logits computed in fp32 (DeepSeek)
     score_correction_bias: bool = False  # per-expert bias added to the scores only to choose
@@ -169,6 +175,13 @@ class MoEConfig:
             )
         _check_choice("scoring", self.scoring, SCORINGS)
         _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_choice("router", self.router, ROUTERS)
+        if self.router == "given":
+            used = [n for n in ("router_bias", "score_correction_bias", "aux_loss_coef",
+                                "z_loss_coef", "bias_update_rate") if getattr(self, n)]
+            if used:
+                raise ValueError(f"MoEConfig.router='given' routes with the model's own router: "
+                                 f"{used} belong to epmoe's router; unset them")
         _check_choice("placement", self.placement, PLACEMENTS)
         _check_choice("group_scoring", self.group_scoring, GROUP_SCORINGS)
         _check_choice("all2all_backend", self.all2all_backend, BACKENDS)

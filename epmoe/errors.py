@@ -30,11 +30,13 @@ class Problem(IntEnum):
     NONFINITE_INPUT = 4  # NaN or Inf in x (config.nonfinite="raise")
     NONFINITE_SCORES = 5  # NaN or Inf in the router scores of finite tokens
     TOO_MANY_TOKENS = 6  # more than config.max_tokens_per_rank (low_latency)
+    ROUTING = 7  # the given routing (router="given") is missing or misshaped
 
     def describe(self, detail: int) -> str:
         """Short words for the peers; ``detail`` is a count the code carries."""
         return {
             Problem.SHAPE: "its input x is not of shape [T, hidden_size]",
+            Problem.ROUTING: "its routing (weights, ids) is missing or not [T, top_k]",
             Problem.DTYPE: "its input x is not of config.dtype",
             Problem.DEVICE: "its input x is not on its device",
             Problem.NONFINITE_INPUT: f"its input x has NaN or Inf in {detail} token(s)",

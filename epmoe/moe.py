@@ -27,12 +27,20 @@ from torch import Tensor, nn
 
 from .balance import loss_share_over_group, router_probs, update_bias_over_group, z_loss_share
 from .capacity import drop_over_capacity
-from .checks import check_finite, check_full_weights, check_input, check_same_config
+from .checks import (
+    _no_routing,
+    check_finite,
+    check_full_weights,
+    check_input,
+    check_routing,
+    check_same_config,
+)
 from .collectives import all_reduce_sum
 from .config import MoEConfig, optional_weight_shapes
 from .dispatch import make_dispatcher
 from .errors import InputError
 from .experts import (
+    GLU,
     ExpertWeights,
     choose_expert_impl,
     gated_activation,
@@ -82,6 +90,7 @@ class ExpertParallelMoE(nn.Module):
         seed: int | None = 0,
         collect_stats: bool = False,
         name: str = "the MoE layer",
+        glu: GLU | None = None,
     ) -> None:
         super().__init__()
         config.check_ep_size(state.ep_size)
@@ -105,13 +114,19 @@ class ExpertParallelMoE(nn.Module):
             self.expert_map = expert_map(config.num_experts, state.ep_size, config.placement,
                                          config.num_redundant_experts)
             self.f_slice = (0, config.intermediate_size)
-        self._glu = gated_activation(config)
+        if (config.activation == "custom") != (glu is not None):
+            raise ValueError(f"{name}: a glu is given exactly when MoEConfig.activation="
+                             f"'custom' (activation={config.activation!r}, glu={glu!r})")
+        self._glu = glu if glu is not None else gated_activation(config)
 
         e = self.expert_map.num_local(state.ep_rank)
         H, Fi = config.hidden_size, self.f_slice[1] - self.f_slice[0]  # (F here)
         dev, dt = state.device, config.dtype
-        self.router_weight = nn.Parameter(torch.empty((config.num_experts, H), device=dev,
-                                                      dtype=config.router_dtype))
+        if config.router == "epmoe":
+            self.router_weight = nn.Parameter(torch.empty((config.num_experts, H), device=dev,
+                                                          dtype=config.router_dtype))
+        else:  # router="given": the model's own router routes (forward's ``routing``)
+            self.register_parameter("router_weight", None)
         self.w_gate_up = nn.Parameter(torch.empty((e, 2 * Fi, H), device=dev, dtype=dt))
         self.w_down = nn.Parameter(torch.empty((e, H, Fi), device=dev, dtype=dt))
         if config.expert_bias:
@@ -198,7 +213,8 @@ class ExpertParallelMoE(nn.Module):
     @torch.no_grad()
     def reset_parameters(self, seed: int = 0) -> None:
         """Initialise from ``seed``, expert by expert equal to ``full_weights(config, seed)``."""
-        for name, t in {**init_router(self.config, seed), **init_shared(self.config, seed)}.items():
+        router = init_router(self.config, seed) if self.config.router == "epmoe" else {}
+        for name, t in {**router, **init_shared(self.config, seed)}.items():
             getattr(self, name).copy_(t)
         for i, g in enumerate(self.local_experts):
             for name, t in init_expert(self.config, seed, g).items():
@@ -229,6 +245,11 @@ class ExpertParallelMoE(nn.Module):
                 "w_down": (E, H, Fi), **optional_weight_shapes(c)}
         given = {"router_weight": router_weight, "w_gate": w_gate, "w_up": w_up,
                  "w_down": w_down, **optional}
+        if c.router == "given":  # no router weight here: the model routes
+            if router_weight is not None:
+                raise ValueError(f"{self.name} has no router (MoEConfig.router='given'): "
+                                 "pass router_weight=None")
+            del want["router_weight"], given["router_weight"]
         check_full_weights(given, want, {n: getattr(self, n).dtype for n in want}, c)
         for name, t in given.items():
             if name in EXPERT_NAMES:
@@ -291,18 +312,24 @@ class ExpertParallelMoE(nn.Module):
             y_TH = torch.sigmoid(F.linear(x_TH, self.shared_expert_gate)) * y_TH
         return y_TH
 
-    def forward(self, x_TH: Tensor) -> Tensor:
+    def forward(self, x_TH: Tensor, routing: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """``x [T, H] -> y [T, H]``, in chunks of at most ``config.max_chunk_tokens``
         tokens per rank; every rank of the EP group takes the same number of chunks
         (each dispatch tells the others whether a rank has tokens left). Bad input on
-        any rank raises on every rank, at the first dispatch (:mod:`epmoe.errors`)."""
+        any rank raises on every rank, at the first dispatch (:mod:`epmoe.errors`).
+
+        ``routing``: with ``config.router == "given"`` (only then), the model's own routing
+        of these tokens, ``(weights [T, k], expert ids [T, k])``; ``None`` for T = 0."""
         c = self.config
         if self._rebalance_due:  # between two forwards (after the last one's backward)
             self._rebalance_due = False
             self.rebalance()
-        error = check_input(x_TH, c, self.router_weight.device, self._where)
+        error = check_input(x_TH, c, self.state.device, self._where)
+        if error is None:
+            routing, error = check_routing(routing, x_TH, c, self._where)
         if error is not None:  # join the group's first dispatch with no tokens, then raise
             x_TH = torch.empty((0, c.hidden_size), dtype=c.dtype, device=self.state.device)
+            routing = None if c.router == "epmoe" else _no_routing(c, x_TH.device)
         T = x_TH.shape[0]
         # low_latency: one round (its limit is max_tokens_per_rank); else chunks.
         step = max(T, 1) if c.all2all_backend == "low_latency" else c.max_chunk_tokens
@@ -317,7 +344,9 @@ class ExpertParallelMoE(nn.Module):
         with self._guard("forward"):  # (names where this rank is, between the phases)
             while True:  # until no rank has tokens left
                 end = min(start + step, T)
-                y_TH, more_anywhere = self._chunk(x_TH[start:end], error, end < T)
+                part = None if routing is None else (routing[0][start:end],
+                                                       routing[1][start:end])
+                y_TH, more_anywhere = self._chunk(x_TH[start:end], error, end < T, part)
                 outs.append(y_TH)
                 start = end
                 if not more_anywhere:
@@ -337,15 +366,18 @@ class ExpertParallelMoE(nn.Module):
             self._rebalance_due = True  # at the start of the next forward
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-    def _chunk(self, x_TH: Tensor, error: InputError | None,
-               more: bool) -> tuple[Tensor, bool]:
+    def _chunk(self, x_TH: Tensor, error: InputError | None, more: bool,
+               routing: tuple[Tensor, Tensor] | None) -> tuple[Tensor, bool]:
         c, s = self.config, self.state
         self.chunks += 1
         timer = PhaseTimer(self.collect_stats, s.device)
         timer.start()
-        weights_TK, ids_TK, logits_TE = route(
-            x_TH, self.router_weight, c, self.weight("router_bias"),
-            self.weight("score_correction_bias"), return_logits=True)
+        if routing is None:
+            weights_TK, ids_TK, logits_TE = route(
+                x_TH, self.router_weight, c, self.weight("router_bias"),
+                self.weight("score_correction_bias"), return_logits=True)
+        else:  # the model's own router's choices (router="given"): no logits here
+            (weights_TK, ids_TK), logits_TE = routing, None
         if error is None and c.nonfinite == "raise" and not capturing():  # (no host reads
             error = check_finite(x_TH, logits_TE, weights_TK, self._where)  # in a CUDA graph)
         if self._load_E is not None:

@@ -23,8 +23,9 @@ from ..health import guarded
 from ..moe import ExpertParallelMoE
 from ..parallel_state import ParallelState
 from .checkpoint import CheckpointError, CheckpointReader
-from .families import Family, family_of
+from .families import FAMILIES, Family, family_of
 from .lockstep import Lockstep
+from .seam_load import build_seam_model
 
 __all__ = ["EPMoEBlock", "from_pretrained", "moe_config_of"]
 
@@ -137,7 +138,10 @@ def _open(path: Path, dtype):
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} has no config.json: not a Hugging Face model directory")
     hf_config = AutoConfig.from_pretrained(path)
-    family = family_of(hf_config)
+    # The seven families with an adapter of epmoe's own (epmoe's router, bias balancing,
+    # bit-identical to transformers); any other MoE model goes through transformers'
+    # experts seam (epmoe.hf.seam), its own router routing.
+    family = family_of(hf_config) if hf_config.model_type in FAMILIES else None
     quant = getattr(hf_config, "quantization_config", None)
     if quant:
         method = quant.get("quant_method") if isinstance(quant, dict) else \
@@ -156,6 +160,13 @@ def _build_and_load(path: Path, state: ParallelState, hf_config, family: Family,
     compares), then filled from the checkpoint: dense weights and this rank's experts."""
     from transformers import AutoModelForCausalLM
 
+    if family is None:  # transformers' experts seam
+        if moe_options.get("parallelism", "expert") != "expert":
+            raise ValueError("moe_options: from_pretrained loads the experts expert-parallel; "
+                             "parallelism='tensor' is for the layer itself")
+        model, layers = build_seam_model(path, state, hf_config, dtype, reader, moe_options,
+                                         collect_stats)
+        return model, {i: layer.moe for i, layer in enumerate(layers.values())}
     with torch.device("meta"):  # no weight is allocated here
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     moe_cfg = moe_config_of(hf_config, dtype, placement, overlap_shared)

@@ -1,0 +1,223 @@
+"""Loading a model through transformers' experts seam: checkpoint names, dense weights, experts.
+
+Hub checkpoints name their tensors as the family's release did; transformers
+renames them on load (``transformers/conversion_mapping.py``: ``.block_sparse_moe.``
+becomes ``.mlp.``, per-expert ``experts.{e}.w1/w3/w2`` become the stacked
+``experts.gate_up_proj``/``down_proj``, a multimodal prefix moves, ...). Here
+transformers' own list of transforms for the model (``get_model_conversion_mapping``)
+names every checkpoint tensor in the model, so a family needs no table of ours.
+Dense tensors are read whole (replicated); each rank reads only its own experts:
+one tensor per expert, or its rows of a stacked tensor.
+
+Shape legend: E experts, e this rank's, H hidden, F expert intermediate.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import Tensor, nn
+
+from .checkpoint import CheckpointError, CheckpointReader
+from .seam import SeamExperts
+
+__all__ = ["SeamCheckpoint"]
+
+
+class SeamCheckpoint:
+    """Where each tensor of ``model`` is in the checkpoint ``reader``."""
+
+    def __init__(self, model: nn.Module, reader: CheckpointReader,
+                 experts: dict[str, nn.Module]) -> None:
+        """``experts``: the transformers experts modules (still on meta) by their names in
+        ``model``, which now holds :class:`SeamExperts` in their places."""
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (
+            WeightConverter,
+            apply_renamings,
+            rename_source_key,
+        )
+
+        self.reader, self.experts = reader, experts
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        roles = _expert_roles(converters)
+        meta = dict.fromkeys(model.state_dict(keep_vars=True))
+        prefix = getattr(model, "base_model_prefix", None)
+        self.dense: dict[str, str] = {}  # model name -> checkpoint name
+        # experts module name -> {"fused": {part: (checkpoint name, transposed on disk)},
+        #                          "per_expert": {(e, role): checkpoint name}}
+        self.expert_keys: dict[str, dict] = {n: {"fused": {}, "per_expert": {}} for n in experts}
+        per_expert = re.compile(r"^(.*)\.(\d+)\.([^.]+\.weight)$")
+        for key in reader.keys():
+            name, pattern = rename_source_key(key, renamings, converters, prefix, meta)
+            owner, _, part = name.rpartition(".")
+            m = per_expert.match(name)
+            if m and m.group(1) in experts and m.group(3) in roles:  # (no converter needed)
+                self.expert_keys[m.group(1)]["per_expert"][(int(m.group(2)),
+                                                            roles[m.group(3)])] = key
+                continue
+            if owner in experts and part in ("gate_up_proj", "down_proj"):
+                conv = next(c for c in converters if pattern in c.source_patterns) \
+                    if pattern is not None else None
+                ops = [type(o).__name__ for o in (conv.operations if conv else [])]
+                if m := per_expert.match(apply_renamings(key, renamings)):
+                    if m.group(3) in roles:
+                        self.expert_keys[owner]["per_expert"][(int(m.group(2)),
+                                                               roles[m.group(3)])] = key
+                        continue
+                elif set(ops) <= {"Transpose"}:  # the stacked tensor itself, maybe transposed
+                    self.expert_keys[owner]["fused"][part] = (key, bool(ops))
+                    continue
+                raise CheckpointError(f"{reader.path}: the expert tensor {key!r} needs "
+                                      f"transformers' conversion {ops}, which epmoe does not "
+                                      "read per expert")
+            if pattern is not None and name not in meta:
+                continue  # converted into something this model does not have
+            self.dense[name] = key
+
+    def read_dense(self, name: str, shape: tuple[int, ...]) -> Tensor | None:
+        key = self.dense.get(name)
+        return None if key is None else self.reader.read(key, shape)
+
+    @torch.no_grad()
+    def load_experts(self, name: str, layer: SeamExperts) -> None:
+        """This rank's experts of the module ``name`` into ``layer.moe``."""
+        moe, module = layer.moe, self.experts[name]
+        c = moe.config
+        E, H, Fi = c.num_experts, c.hidden_size, c.intermediate_size
+        keys, local = self.expert_keys[name], moe.local_experts
+        if keys["per_expert"]:
+            want = {"gate": (Fi, H), "up": (Fi, H), "down": (H, Fi)}
+            # Every rank checks every expert's name and shape (file headers only), so a
+            # broken checkpoint fails on all ranks alike; each then reads only its own.
+            for e in range(E):
+                for role, shape in want.items():
+                    key = keys["per_expert"].get((e, role))
+                    if key is None:
+                        raise CheckpointError(f"{self.reader.path}: no {role} weight of expert "
+                                              f"{e} of {name}")
+                    _check_shape(self.reader, key, shape)
+            for i, e in enumerate(local):
+                read = {r: self.reader.read(keys["per_expert"][(e, r)], s)
+                        for r, s in want.items()}
+                moe.w_gate[i].copy_(read["gate"])
+                moe.w_up[i].copy_(read["up"])
+                moe.w_down[i].copy_(read["down"])
+            return
+        fused = keys["fused"]
+        if set(fused) != {"gate_up_proj", "down_proj"}:
+            raise CheckpointError(f"{self.reader.path}: no expert weights of {name} (neither "
+                                  f"{name}.{{e}}.<proj>.weight nor {name}.gate_up_proj and "
+                                  "down_proj)")
+        # In the module's memory: [E, 2F, H] and [E, H, F], or transposed; on disk maybe
+        # transposed once more (transformers' Transpose conversion).
+        for part, rows in (("gate_up_proj", 2 * Fi), ("down_proj", H)):
+            cols = H if part == "gate_up_proj" else Fi
+            key, flipped = fused[part]
+            on_disk = module.is_transposed != flipped  # [E, cols, rows] rather than [E, rows, cols]
+            shape = (E, cols, rows) if on_disk else (E, rows, cols)
+            _check_shape(self.reader, key, shape)
+            for i, a, b in _runs(local):  # read only this rank's experts' rows
+                t = self.reader.read(key, shape, rows=(a, b))
+                t = t.transpose(1, 2) if on_disk else t
+                (moe.w_gate_up if part == "gate_up_proj" else moe.w_down)[i : i + b - a].copy_(t)
+
+
+def _expert_roles(converters) -> dict[str, str]:
+    """Per-expert leaf names (``"w1.weight"``) -> ``"gate"``, ``"up"`` or ``"down"``, from
+    the converters that stack them (sources concatenated in order: gate, then up)."""
+    roles: dict[str, str] = {}
+    for conv in converters:
+        targets, sources = conv.target_patterns, conv.source_patterns
+        if len(targets) != 1 or not all(".*." in s for s in sources):
+            continue
+        leaves = [s.rsplit(".*.", 1)[1] for s in sources]
+        if targets[0].endswith("gate_up_proj") and len(leaves) == 2:
+            roles.update({leaves[0]: "gate", leaves[1]: "up"})
+        elif targets[0].endswith("down_proj") and len(leaves) == 1:
+            roles[leaves[0]] = "down"
+    for gate, up, down in (("gate_proj.weight", "up_proj.weight", "down_proj.weight"),
+                           ("w1.weight", "w3.weight", "w2.weight")):
+        for leaf, role in ((gate, "gate"), (up, "up"), (down, "down")):
+            roles.setdefault(leaf, role)
+    return roles
+
+
+def _runs(ids: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    from .loading import _runs as runs
+    return runs(ids)
+
+
+def _check_shape(reader: CheckpointReader, name: str, shape: tuple[int, ...]) -> None:
+    from .loading import _check_shape as check
+    check(reader, name, shape)
+
+
+def model_class(hf_config):
+    """transformers' class for ``hf_config``: its causal LM, else the class its
+    ``config.json`` names (Mistral 4; the multimodal families, whose text part is used)."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    mapping = AutoModelForCausalLM._model_mapping
+    if type(hf_config) in mapping:
+        return mapping[type(hf_config)]
+    for arch in getattr(hf_config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    raise CheckpointError(f"model_type={hf_config.model_type!r}: transformers has no causal LM "
+                          f"for it and config.json names no transformers class (architectures="
+                          f"{getattr(hf_config, 'architectures', None)})")
+
+
+def build_seam_model(path, state, hf_config, dtype: torch.dtype, reader: CheckpointReader,
+                     options: dict, collect_stats: bool):
+    """transformers' model on the meta device, each experts module replaced by a
+    :class:`SeamExperts`, then filled: dense weights whole, this rank's experts.
+    Returns the model and its EP layers by experts module name, in the model's order."""
+    from . import loading
+    from .seam import experts_modules, seam_layer
+
+    with torch.device("meta"):  # no weight is allocated here
+        model = model_class(hf_config)._from_config(hf_config, dtype=dtype)
+    found = experts_modules(model)
+    if not found:
+        raise CheckpointError(f"{path}: model_type={hf_config.model_type!r} has no experts "
+                              "module that goes through transformers' experts seam "
+                              "(@use_experts_implementation): not a supported MoE model")
+    text_config = found[0][1].config if hasattr(found[0][1], "config") else hf_config
+    layers: dict[str, SeamExperts] = {}
+    for name, module in found:
+        layer = seam_layer(module, text_config, state, dtype, options, name, collect_stats)
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), leaf, layer)
+        layers[name] = layer
+    loading._rebuild_meta_buffers(model, state.device)
+    ckpt = SeamCheckpoint(model, reader, dict(found))
+    fp32 = loading._fp32_patterns(model, dtype)
+    tied = set(getattr(model, "_tied_weights_keys", None) or {}) \
+        if getattr(model.config, "tie_word_embeddings", False) else set()
+    skip = tuple(f"{n}." for n in layers)
+    wanted = list(model.named_parameters(remove_duplicate=False))
+    wanted += [(n, b) for n, b in model.named_buffers() if b.is_meta]
+    for name, meta in wanted:
+        if name.startswith(skip):
+            continue
+        value = ckpt.read_dense(name, tuple(meta.shape))
+        if value is None:
+            if name in tied or not meta.is_meta:
+                continue
+            raise CheckpointError(f"{path}: no tensor for {name!r} in the checkpoint")
+        dt = torch.float32 if any(p.search(name) for p in fp32) else meta.dtype
+        loading._set_tensor(model, name, value.to(device=state.device, dtype=dt))
+    for name, layer in layers.items():
+        ckpt.load_experts(name, layer)
+    if getattr(hf_config, "tie_word_embeddings", False):
+        model.tie_weights()
+    loading._check_nothing_on_meta(model, path)
+    reader.close()
+    return model, layers
