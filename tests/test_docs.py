@@ -196,3 +196,13 @@ def test_figures_are_the_scripts(tmp_path):
         drawn, kept = imread(path), imread(committed)
         assert drawn.shape == kept.shape and (drawn == kept).all(), \
             f"{committed} is not what scripts/draw_figures.py draws: rerun it and commit"
+
+
+def test_readme_links_exist():
+    """The README is not part of the site: its relative links are checked here."""
+    text = (ROOT / "README.md").read_text()
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if target.startswith(("http://", "https://", "#")):
+            continue
+        path = ROOT / target.split("#")[0]
+        assert path.exists(), f"README.md links to {target}, which does not exist"
