@@ -88,7 +88,8 @@ def quant_format_of(hf_config) -> QuantFormat | None:
     if qc is None:
         return None
     get = qc.get if isinstance(qc, dict) else (lambda k, d=None: getattr(qc, k, d))
-    method = str(get("quant_method", None)).lower()
+    method = get("quant_method", None)
+    method = str(getattr(method, "value", method)).lower()  # (transformers' str enum)
     skip = get("modules_to_not_convert", None) or get("ignored_layers", None) or ()
     if method == "mxfp4":
         return QuantFormat("mxfp4", (1, MXFP4_GROUP), tuple(skip))
@@ -147,7 +148,7 @@ def dequant_fp8_blocks(w_RC: Tensor, scale_inv: Tensor, block: tuple[int, int],
     may be partial. transformers' ``Fp8Dequantize._dequantize_one`` computes the same
     bits where R and C are multiples of the block (it refuses or misreads the others:
     it derives the block from ``R // ceil(R/b0)``). ``out``: a ``[R, C]`` tensor of
-    ``dtype`` to write into. Costs an fp32 ``[R, C]`` temporary.
+    ``dtype`` to write into.
     """
     R, C = w_RC.shape
     if scale_inv.shape != _scale_grid((R, C), block):
@@ -157,11 +158,14 @@ def dequant_fp8_blocks(w_RC: Tensor, scale_inv: Tensor, block: tuple[int, int],
     b0, b1 = block
     full, rem = divmod(C, b1)
     s_RC1 = s.repeat_interleave(b0, dim=0)[:R]  # [R, ceil(C/b1)]: rows expanded only
-    w = w_RC.to(torch.float32)  # exact: every e4m3 value is an fp32
+    # Exact: every e4m3 value is a bf16, fp16 and fp32. The in-place products below
+    # multiply in fp32 (the promoted dtype) and round once into w: transformers' bits
+    # without an fp32 [R, C] temporary.
+    w = w_RC.to(dtype) if out is None else out.copy_(w_RC)
     w[:, : full * b1].unflatten(1, (full, b1)).mul_(s_RC1[:, :full, None])
     if rem:
         w[:, full * b1 :].mul_(s_RC1[:, full:])
-    return w.to(dtype) if out is None else out.copy_(w)
+    return w
 
 
 def _scale_fp32(scale_inv: Tensor) -> Tensor:
@@ -214,15 +218,17 @@ def dequant_mxfp4(blocks: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
 
 def quantize_mxfp4(w_RC: Tensor) -> tuple[Tensor, Tensor]:
     """``w [..., C]`` (C a multiple of 32) -> (blocks uint8 ``[..., C/32, 16]``, scales
-    uint8 ``[..., C/32]``): the OCP MX recipe, exponent ``floor(log2(amax)) - 2`` per 32
-    values, each value rounded to the nearest e2m1. For tests and benchmarks."""
+    uint8 ``[..., C/32]``): per 32 values the smallest exponent that needs no clamping,
+    ``ceil(log2(amax / 6))`` (the OCP MX recipe, ``floor(log2(amax)) - 2``, clamps values
+    above 6 times its scale), each value rounded to the nearest e2m1. For tests and
+    benchmarks."""
     *lead, C = w_RC.shape
     if C % MXFP4_GROUP:
         raise ValueError(f"mxfp4 needs a last dimension that is a multiple of {MXFP4_GROUP}, "
                          f"got {C}")
     g = w_RC.float().reshape(*lead, C // MXFP4_GROUP, MXFP4_GROUP)
     amax = g.abs().amax(-1, keepdim=True)
-    exp = torch.where(amax > 0, torch.floor(torch.log2(amax)) - 2, torch.zeros_like(amax))
+    exp = torch.where(amax > 0, torch.ceil(torch.log2(amax / 6)), torch.zeros_like(amax))
     exp = exp.clamp(-127, 127)
     x = (g / torch.exp2(exp)).clamp(-6.0, 6.0)
     mags = torch.tensor(E2M1_VALUES[:8])
@@ -322,8 +328,7 @@ class QuantizedExperts(nn.Module):
 
     def expert(self, i: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Local expert ``i`` dequantized to ``dtype``: ``(w_gate_up [2F, H]`` (gate rows,
-        then up rows), ``w_down [H, F])``. Costs two new tensors of that size (and an fp32
-        temporary per matrix for fp8)."""
+        then up rows), ``w_down [H, F])``. Costs two new tensors of that size."""
         if self.fmt.method == "fp8":
             Fi, b = self.inter, self.fmt.block
             w_gu = self.gate_q.new_empty((2 * Fi, self.hidden), dtype=dtype)

@@ -1,0 +1,69 @@
+"""The local experts on quantized weights: dequantize an expert, run it, drop the copy.
+
+Same contract as :func:`epmoe.experts.local_experts_forward` (rows received by
+this rank, their local experts with -1 for the slots that live elsewhere, the
+routing weights), but the weights are a :class:`~epmoe.quant.QuantizedExperts`
+in the checkpoint's FP8 or MXFP4 format. Each local expert that received rows is
+dequantized to the compute dtype and run as :func:`~epmoe.experts.expert_mlp`;
+with the dequantized weights the result has the bits of the plain loop
+(``impl="loop"``), checked in ``tests/test_quant.py``. Pure local code, no
+collectives. Shape legend:
+
+    N = token rows received by this rank     k = top_k slots per row
+    M = (row, slot) pairs that name a local expert, sorted by local expert
+    e = local experts    H = hidden size     F = intermediate size per expert
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .experts import GLU, expert_mlp, sort_by_local_expert, weigh
+from .ops import by_tiles, sum_rows
+from .quant import QuantizedExperts
+
+__all__ = ["quantized_experts_forward"]
+
+
+def quantized_experts_forward(
+    x_NH: Tensor, local_ids_NK: Tensor, weights_NK: Tensor, experts: QuantizedExperts,
+    glu: GLU, weigh_in_fp32: bool = False, accumulate: torch.dtype | None = None,
+    biases: tuple[Tensor, Tensor] | None = None, invariant: bool = False,
+) -> tuple[Tensor, list[int]]:
+    """Each received row's weighted sum over the slots whose expert is local.
+
+    ``x_NH`` in the compute dtype (the weights are dequantized to it), ``local_ids_NK``
+    the local expert of each slot or -1, ``weights_NK`` the routing weights. ``biases``:
+    ``(b_gate_up [e, 2F]`` (gate then up), ``b_down [e, H])`` in the compute dtype, for
+    experts with biases (gpt-oss). ``invariant``: each expert on fixed tiles of rows
+    (``MoEConfig.batch_invariant``, :func:`~epmoe.ops.by_tiles`).
+
+    Returns ``(partial_NH, counts)`` as :func:`~epmoe.experts.local_experts_forward`.
+
+    Cost: one dequantization per local expert that received rows, per forward (two
+    new ``[2F, H]`` and ``[H, F]`` tensors);
+    experts that received nothing are not dequantized. Nothing is cached, so the
+    memory stays that of the quantized stack plus one expert.
+    """
+    N, k = local_ids_NK.shape
+    H = experts.hidden
+    pair_M, counts = sort_by_local_expert(local_ids_NK, experts.num_local)
+    rows_M = pair_M.div(k, rounding_mode="floor")
+    x_MH = x_NH.index_select(0, rows_M)
+    outs, start = [], 0
+    for i, n in enumerate(counts):  # a plain loop over experts, not tokens
+        if n:
+            w_gu, w_d = experts.expert(i, x_NH.dtype)
+            b = (None, None) if biases is None else (biases[0][i], biases[1][i])
+            x = x_MH[start : start + n]
+            if invariant:
+                outs.append(by_tiles(lambda t, w_gu=w_gu, w_d=w_d, b=b:
+                                     expert_mlp(t, w_gu, w_d, glu, *b), x))
+            else:
+                outs.append(expert_mlp(x, w_gu, w_d, glu, *b))
+        start += n
+    y_MH = torch.cat(outs) if outs else x_NH.new_empty((0, H))  # copy: one [M, H]
+    y_MH = weigh(y_MH, weights_NK.reshape(-1).index_select(0, pair_M), weigh_in_fp32,
+                 accumulate)
+    return sum_rows(y_MH, rows_M, pair_M % k, N, k).to(accumulate or x_NH.dtype), counts
