@@ -252,14 +252,19 @@ def _rebuild_meta_buffers(model: nn.Module, device: torch.device) -> None:
     """Modules whose buffers are computed at init (rotary embeddings) are rebuilt from their
     config on the real device: their buffers are not in the checkpoint."""
     for name, module in list(model.named_modules()):
-        if any(b.is_meta for b in module.buffers(recurse=False)) and \
-                not any(b.is_meta for b in module.parameters(recurse=False)):
-            config = getattr(module, "config", None)
-            if config is None:
-                continue  # persistent buffers: loaded from the checkpoint with the weights
+        computed = [b for n, b in module.named_buffers(recurse=False)
+                    if b.is_meta and n in module._non_persistent_buffers_set]
+        if not computed:
+            continue  # persistent buffers: loaded from the checkpoint with the weights
+        config = getattr(module, "config", None)
+        if config is not None and not any(p.is_meta for p in module.parameters(recurse=False)):
             parent_name, _, leaf = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, leaf, type(module)(config).to(device))
+        else:  # (Gemma's scaled embedding): transformers' own init computes them; the
+            # module's weights get allocated and initialised too, then loaded over
+            module.to_empty(device=device, recurse=False)
+            model._init_weights(module)
 
 
 def _fp32_patterns(model: nn.Module, dtype: torch.dtype) -> list[re.Pattern]:

@@ -42,7 +42,8 @@ from .checkpoint import CheckpointError
 __all__ = ["SeamExperts", "experts_modules", "seam_layer", "top_k_of"]
 
 # Config fields that name the experts chosen per token, in the families of transformers 5.24.
-TOP_K_FIELDS = ("num_experts_per_tok", "moe_topk", "moe_k", "top_k", "num_experts_per_token")
+TOP_K_FIELDS = ("num_experts_per_tok", "moe_topk", "moe_k", "top_k", "num_experts_per_token",
+                "top_k_experts")
 
 
 class SeamExperts(nn.Module):
