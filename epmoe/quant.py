@@ -11,7 +11,8 @@ The dequantizations repeat transformers 5.24's arithmetic bit for bit (what it
 runs when it loads such a checkpoint on a CPU, where it always dequantizes):
 ``Fp8Dequantize._dequantize_one`` (fp8 -> fp32, times the fp32 scale, rounded once
 to the target dtype) and ``convert_moe_packed_tensors`` (e2m1 table in the
-target dtype, then ``ldexp`` by the exponent). Checked in ``tests/test_quant.py``.
+target dtype, then ``ldexp`` by the exponent), by faster table lookups. Checked
+in ``tests/test_quant.py``.
 
 Shape legend:
 
@@ -22,6 +23,7 @@ Shape legend:
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -158,10 +160,14 @@ def dequant_fp8_blocks(w_RC: Tensor, scale_inv: Tensor, block: tuple[int, int],
     b0, b1 = block
     full, rem = divmod(C, b1)
     s_RC1 = s.repeat_interleave(b0, dim=0)[:R]  # [R, ceil(C/b1)]: rows expanded only
-    # Exact: every e4m3 value is a bf16, fp16 and fp32. The in-place products below
-    # multiply in fp32 (the promoted dtype) and round once into w: transformers' bits
-    # without an fp32 [R, C] temporary.
-    w = w_RC.to(dtype) if out is None else out.copy_(w_RC)
+    # Each e4m3 value looked up as a `dtype` (exact: every e4m3 is a bf16, fp16 and fp32;
+    # a table lookup took 5.8 ms where fp8.to(bf16) took 10 ms, 2048x1024, one thread).
+    # The in-place products below multiply in fp32 (the promoted dtype) and round once
+    # into w: transformers' bits, without an fp32 [R, C] temporary.
+    codes = w_RC.view(torch.uint8).long()
+    w = _table(_fp8_values, dtype, w_RC.device).take(codes)
+    if out is not None:
+        w = out.copy_(w)
     w[:, : full * b1].unflatten(1, (full, b1)).mul_(s_RC1[:, :full, None])
     if rem:
         w[:, full * b1 :].mul_(s_RC1[:, full:])
@@ -207,13 +213,33 @@ def dequant_mxfp4(blocks: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
     if blocks.shape[-1] != MXFP4_GROUP // 2 or blocks.shape[:-1] != scales.shape:
         raise ValueError(f"mxfp4 blocks {tuple(blocks.shape)} and scales {tuple(scales.shape)}"
                          f" do not fit: expected blocks [..., G, 16] and scales [..., G]")
-    # One table lookup per byte gives both of its values: [256, 2] in dtype.
-    lut = torch.tensor(E2M1_VALUES, dtype=dtype, device=blocks.device)
-    byte = torch.arange(256, device=blocks.device)
-    pairs = torch.stack([lut[byte & 0x0F], lut[byte >> 4]], dim=1)
-    vals = pairs[blocks.long()].flatten(-2)  # [..., G, 32]
-    exp = scales.to(torch.int32).sub_(127).unsqueeze(-1)  # [..., G, 1]
-    return torch.ldexp(vals, exp).flatten(-2)
+    # One lookup per byte gives both of its values (a [256] table of value pairs packed
+    # in one wider int), then one product by 2**(scale - 127) in fp32: exact but for
+    # overflow and underflow, which round as ldexp's product does (tested: same bits).
+    # 4.4 ms against 21 ms for transformers' nibble-by-nibble way (2048x1024, one thread).
+    pairs = _table(_e2m1_pairs, dtype, blocks.device)
+    vals = pairs.take(blocks.long()).view(dtype)  # [..., G, 32]
+    scale = torch.exp2(scales.to(torch.float32).sub_(127.0)).unsqueeze(-1)  # [..., G, 1]
+    return vals.mul_(scale).flatten(-2)
+
+
+@functools.cache
+def _table(make, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return make(dtype).to(device)
+
+
+def _fp8_values(dtype: torch.dtype) -> Tensor:
+    """``[256]``: each e4m3fn byte's value in ``dtype`` (0x7F, 0xFF: NaN)."""
+    return torch.arange(256, dtype=torch.uint8).view(FP8_DTYPE).to(dtype)
+
+
+def _e2m1_pairs(dtype: torch.dtype) -> Tensor:
+    """``[256]``: each byte's two e2m1 values (low nibble first) in ``dtype``, packed
+    into one int twice as wide, so that a lookup and a view give both."""
+    lut = torch.tensor(E2M1_VALUES, dtype=dtype)
+    byte = torch.arange(256)
+    pairs = torch.stack([lut[byte & 0x0F], lut[byte >> 4]], dim=1)  # [256, 2]
+    return pairs.view({2: torch.int32, 4: torch.int64}[dtype.itemsize]).view(256)
 
 
 def quantize_mxfp4(w_RC: Tensor) -> tuple[Tensor, Tensor]:

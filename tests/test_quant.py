@@ -91,6 +91,11 @@ def test_fp8_same_bits_as_transformers(dtype):
         q, s = quantize_fp8_blocks(torch.randn(R, C), block)
         ours = dequant_fp8_blocks(q, s, block, dtype)
         assert torch.equal(ours, Fp8Dequantize(None)._dequantize_one(q, s, dtype))
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes = codes[(codes & 0x7F) != 0x7F].view(FP8_DTYPE).view(2, 127)  # every non-NaN e4m3
+    s = torch.tensor([[0.37], [3e-5]])
+    assert torch.equal(dequant_fp8_blocks(codes, s, (1, 127), dtype),
+                       Fp8Dequantize(None)._dequantize_one(codes, s, dtype))
     # Partial blocks: transformers' load-time dequantization cannot (it derives the block
     # from R // grid rows); its backward-pass one can, and agrees in fp32 (one rounding).
     q, s = quantize_fp8_blocks(torch.randn(40, 50), (16, 16))
@@ -106,7 +111,7 @@ def test_mxfp4_same_bits_as_transformers(dtype):
 
     gen = torch.Generator().manual_seed(2)
     blocks = torch.randint(0, 256, (3, 10, 4, 16), dtype=torch.uint8, generator=gen)
-    scales = torch.randint(110, 140, (3, 10, 4), dtype=torch.uint8, generator=gen)
+    scales = torch.randint(0, 255, (3, 10, 4), dtype=torch.uint8, generator=gen)  # (255: NaN)
     # transformers returns [E, G*32, rows] (transposed for x @ W); ours keeps [E, rows, G*32]
     ref = convert_moe_packed_tensors(blocks, scales, dtype=dtype).transpose(1, 2)
     assert torch.equal(dequant_mxfp4(blocks, scales, dtype), ref)
