@@ -96,6 +96,8 @@ class MoEConfig:
     weigh_in_fp32: bool = False  # weigh expert outputs and sum a row's in fp32, then round
     #   (transformers' Mixtral, DeepSeek); False: in dtype, the weight rounded first (Qwen,
     #   OLMoE, GPT-OSS), which needs no fp32 copy. The same in an fp32 model.
+    weigh_input: bool = False  # the routing weight multiplies each expert's input rows instead
+    #   of its output, in dtype, and the outputs are summed unweighted (Llama 4)
     expert_bias: bool = False  # biases on every expert's gate, up and down projections (GPT-OSS)
     swiglu_alpha: float = 1.702  # clamped_swiglu: out = (up + 1) * gate * sigmoid(alpha * gate)
     swiglu_limit: float = 7.0  # clamped_swiglu: gate <= limit, -limit <= up <= limit
@@ -214,7 +216,7 @@ class MoEConfig:
                              ">= 1: its buffers hold that many tokens per rank pair")
         for name in ("renormalize", "router_bias", "router_fp32", "score_correction_bias",
                      "expert_bias", "shared_expert_gate", "overlap_shared",
-                     "overlap_microbatches", "weigh_in_fp32", "batch_invariant"):
+                     "overlap_microbatches", "weigh_in_fp32", "batch_invariant", "weigh_input"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MoEConfig.{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("routed_scaling_factor", "swiglu_alpha", "swiglu_limit"):

@@ -16,6 +16,10 @@ and dtype from measurements (``benchmarks/expert_impl.py``). Weights prepacked
 for oneDNN (:class:`PackedExperts`, made by ``epmoe.packed``) run through
 :func:`packed_experts`, which repeats whichever of these paths was chosen with
 the same bits.
+
+The routing weight multiplies each expert's output (:func:`weigh`), or with
+``MoEConfig.weigh_input`` (Llama 4) its input rows (:func:`weigh_rows`), before
+any of these paths runs, so every path computes the same thing either way.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ __all__ = [
     "packed_experts",
     "run_experts",
     "sort_by_local_expert",
+    "weigh",
+    "weigh_rows",
 ]
 
 GLU = Callable[[Tensor, Tensor], Tensor]  # (gate activations, up activations) -> [M, F]
@@ -369,16 +375,35 @@ def weigh(y_MH: Tensor, w_M: Tensor, in_fp32: bool,
     return y_MH.mul_(w_M1) if not y_MH.requires_grad else y_MH * w_M1
 
 
+def weigh_rows(x_MH: Tensor, w_M: Tensor) -> Tensor:
+    """``MoEConfig.weigh_input``: each gathered input row times its routing weight, in
+    ``x``'s dtype, the weight rounded first, as transformers' Llama 4 does (its router
+    casts the sigmoid scores to the model's dtype; ``routed_in = hidden * score``).
+    ``x_MH`` is a fresh gather: overwritten in place when no gradient is needed."""
+    w_M1 = w_M.to(x_MH.dtype).unsqueeze(1)
+    return x_MH.mul_(w_M1) if not torch.is_grad_enabled() else x_MH * w_M1
+
+
+def _unweighted(y_MH: Tensor, in_fp32: bool, accumulate: torch.dtype | None) -> Tensor:
+    """``weigh`` for outputs whose inputs were weighed: only the dtype of the sum."""
+    if accumulate is not None:
+        return y_MH.to(accumulate)
+    return y_MH.float() if in_fp32 else y_MH
+
+
 def local_experts_forward(
     x_NH: Tensor, local_ids_NK: Tensor, weights_NK: Tensor, experts: ExpertWeights, glu: GLU,
     impl: str = "loop", weigh_in_fp32: bool = False, accumulate: torch.dtype | None = None,
+    weigh_input: bool = False,
 ) -> tuple[Tensor, list[int]]:
     """Each received row's weighted sum over the slots whose expert is local.
 
     Returns ``(partial_NH, counts)``: ``[N, H]`` in ``x``'s dtype (or ``accumulate``),
     and the number of (row, slot) pairs each local expert computed. Weighting and the
     sum over a row's few slots run in the model's dtype (see ``sum_rows``), or in
-    fp32 with ``weigh_in_fp32``, or in ``accumulate``.
+    fp32 with ``weigh_in_fp32``, or in ``accumulate``. ``weigh_input``: the weights
+    multiply the rows going in (:func:`weigh_rows`) and the outputs are summed as they
+    come out (``MoEConfig.weigh_input``).
     """
     N, k = local_ids_NK.shape
     pair_M, counts = sort_by_local_expert(local_ids_NK, len(experts.w_down))  # (packed too)
@@ -387,15 +412,20 @@ def local_experts_forward(
     if impl == "grouped_mm" and not grouped_mm_ok(experts):
         impl = "loop"
     rows_M = pair_M.div(k, rounding_mode="floor")
-    y_MH = run_experts(x_NH.index_select(0, rows_M), counts, experts, glu, impl)
-    y_MH = weigh(y_MH, weights_NK.reshape(-1).index_select(0, pair_M), weigh_in_fp32,
-                 accumulate)
+    w_M = weights_NK.reshape(-1).index_select(0, pair_M)
+    x_MH = x_NH.index_select(0, rows_M)
+    if weigh_input:
+        y_MH = _unweighted(run_experts(weigh_rows(x_MH, w_M), counts, experts, glu, impl),
+                           weigh_in_fp32, accumulate)
+    else:
+        y_MH = weigh(run_experts(x_MH, counts, experts, glu, impl), w_M, weigh_in_fp32,
+                     accumulate)
     return sum_rows(y_MH, rows_M, pair_M % k, N, k).to(accumulate or x_NH.dtype), counts
 
 
 def local_experts_forward_fixed(
     x_NH: Tensor, local_ids_NK: Tensor, weights_NK: Tensor, experts: ExpertWeights, glu: GLU,
-    weigh_in_fp32: bool = False,
+    weigh_in_fp32: bool = False, weigh_input: bool = False,
 ) -> Tensor:
     """:func:`local_experts_forward` without a host sync: every one of the ``N * k``
     slots is gathered (absent ones sorted last and masked out), and the expert
@@ -414,7 +444,10 @@ def local_experts_forward_fixed(
     # Masked on the way in too: grouped_mm's backward leaves the gradient of rows
     # past the last offset undefined, and this keeps it out of x's gradient.
     x_in = torch.where(valid, x_NH.index_select(0, rows), 0.0)
-    y = grouped_experts(x_in, offs, key_sorted.clamp(max=e - 1), experts, glu, valid)
     w = weights_NK.reshape(-1).index_select(0, order)
-    contrib = torch.where(valid, weigh(y, w, weigh_in_fp32), 0.0)  # past the last offset: junk
+    if weigh_input:
+        x_in = weigh_rows(x_in, w)
+    y = grouped_experts(x_in, offs, key_sorted.clamp(max=e - 1), experts, glu, valid)
+    y = _unweighted(y, weigh_in_fp32, None) if weigh_input else weigh(y, w, weigh_in_fp32)
+    contrib = torch.where(valid, y, 0.0)  # past the last offset: junk
     return sum_rows(contrib, rows, order % k, N, k).to(x_NH.dtype)

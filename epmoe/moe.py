@@ -462,11 +462,12 @@ class ExpertParallelMoE(nn.Module):
         if self.dispatcher.fixed_shapes and x_NH.device.type != "cpu" and \
                 not self.config.batch_invariant and grouped_mm_ok(self._experts()):
             return local_experts_forward_fixed(x_NH, local_ids_NK, w_NK, self._experts(),
-                                               self._glu, self.config.weigh_in_fp32), None
+                                               self._glu, self.config.weigh_in_fp32,
+                                               self.config.weigh_input), None
         c = self.config
         wide = c.partial_dtype if c.partial_dtype != c.dtype else None
         return local_experts_forward(x_NH, local_ids_NK, w_NK, self._experts(), self._glu,
-                                     self.expert_impl, c.weigh_in_fp32, wide)
+                                     self.expert_impl, c.weigh_in_fp32, wide, c.weigh_input)
 
     def _count(self, handle, counts: list[int] | None, received) -> None:
         wire = self.dispatcher.wire(handle)
