@@ -26,13 +26,24 @@ from multiproc import run_ranks  # noqa: E402
 from test_hf_models import rank_inputs  # noqa: E402
 
 WORLDS = [1, 2, 3]
-FAMILIES = sorted(TINY_SEAM_FAMILIES)
+# qwen3_vl_moe_hub: Qwen3-VL-MoE's experts as its release stores them, [E, H, 2F] and
+# [E, F, H] (transformers transposes them on load; its own save keeps its memory layout)
+FAMILIES = sorted([*TINY_SEAM_FAMILIES, "qwen3_vl_moe_hub"])
 
 
 @pytest.fixture(scope="session")
 def seam_checkpoints(tmp_path_factory) -> dict[str, str]:
+    from safetensors.torch import load_file, save_file
+
     root = tmp_path_factory.mktemp("seam")
-    return {f: str(save_tiny_seam_checkpoint(f, root / f, seed=3)) for f in FAMILIES}
+    out = {f: str(save_tiny_seam_checkpoint(f, root / f, seed=3)) for f in TINY_SEAM_FAMILIES}
+    hub = save_tiny_seam_checkpoint("qwen3_vl_moe", root / "qwen3_vl_moe_hub", seed=4)
+    weights = load_file(hub / "model.safetensors")
+    for k in [k for k in weights if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        weights[k] = weights[k].transpose(1, 2).contiguous()
+    save_file(weights, str(hub / "model.safetensors"), metadata={"format": "pt"})
+    out["qwen3_vl_moe_hub"] = str(hub)
+    return out
 
 
 def _worker(dirs: dict[str, str]) -> dict:

@@ -47,7 +47,9 @@ class SeamCheckpoint:
         meta = dict.fromkeys(model.state_dict(keep_vars=True))
         prefix = getattr(model, "base_model_prefix", None)
         self.dense: dict[str, str] = {}  # model name -> checkpoint name
-        # experts module name -> {"fused": {part: (checkpoint name, transposed on disk)},
+        self._to_convert = {}  # (converter, model name) -> (converter, [(key, its pattern)])
+        # experts module name -> {"fused": {part: (checkpoint name, transformers' transpose:
+        #                                          None, "always" or "if_shape_differs")},
         #                          "per_expert": {(e, role): checkpoint name}}
         self.expert_keys: dict[str, dict] = {n: {"fused": {}, "per_expert": {}} for n in experts}
         per_expert = re.compile(r"^(.*)\.(\d+)\.([^.]+\.weight)$")
@@ -69,18 +71,50 @@ class SeamCheckpoint:
                                                                roles[m.group(3)])] = key
                         continue
                 elif set(ops) <= {"Transpose"}:  # the stacked tensor itself, maybe transposed
-                    self.expert_keys[owner]["fused"][part] = (key, bool(ops))
+                    flip = None if not ops else "if_shape_differs" if any(
+                        getattr(o, "check_dims", False) for o in conv.operations) else "always"
+                    self.expert_keys[owner]["fused"][part] = (key, flip)
                     continue
                 raise CheckpointError(f"{reader.path}: the expert tensor {key!r} needs "
                                       f"transformers' conversion {ops}, which epmoe does not "
                                       "read per expert")
-            if pattern is not None and name not in meta:
-                continue  # converted into something this model does not have
+            if pattern is not None:  # a dense tensor transformers converts (fuses, splits)
+                conv = next(c for c in converters if pattern in c.source_patterns)
+                self._to_convert.setdefault((id(conv), name), (conv, []))[1].append(
+                    (key, pattern))
+                continue
             self.dense[name] = key
+        self._model = model
+        self._converted: dict[str, Tensor] | None = None
+
+    _to_convert: dict
 
     def read_dense(self, name: str, shape: tuple[int, ...]) -> Tensor | None:
+        """The dense tensor ``name`` of the model, read whole (or made by transformers'
+        conversion from the tensors it is made of), ``None`` if the checkpoint lacks it."""
         key = self.dense.get(name)
-        return None if key is None else self.reader.read(key, shape)
+        if key is not None:
+            return self.reader.read(key, shape)
+        if self._converted is None:
+            self._converted = self._convert()
+        value = self._converted.pop(name, None)
+        if value is not None and tuple(value.shape) != tuple(shape):
+            raise CheckpointError(f"{self.reader.path}: {name!r} made by transformers' conversion "
+                                  f"has shape {tuple(value.shape)}, expected {tuple(shape)}")
+        return value
+
+    def _convert(self) -> dict[str, Tensor]:
+        """Dense tensors that transformers converts on load (a vision tower's fused qkv, ...),
+        through transformers' own converters (replicated weights: read whole)."""
+        import copy
+
+        out: dict[str, Tensor] = {}
+        for (_, name), (conv, sources) in self._to_convert.items():
+            conv = copy.deepcopy(conv)  # (it collects the tensors it converts)
+            for key, pattern in sources:
+                conv.add_tensor(name, key, pattern, lambda k=key: self.reader.read(k))
+            out.update(conv.convert(name, model=self._model, config=self._model.config))
+        return out
 
     @torch.no_grad()
     def load_experts(self, name: str, layer: SeamExperts) -> None:
@@ -112,17 +146,21 @@ class SeamCheckpoint:
             raise CheckpointError(f"{self.reader.path}: no expert weights of {name} (neither "
                                   f"{name}.{{e}}.<proj>.weight nor {name}.gate_up_proj and "
                                   "down_proj)")
-        # In the module's memory: [E, 2F, H] and [E, H, F], or transposed; on disk maybe
-        # transposed once more (transformers' Transpose conversion).
+        # epmoe's layout is [E, rows, cols]: [E, 2F, H] and [E, H, F]. The module's may be
+        # transposed, and the file's transposed from the module's (transformers' Transpose
+        # conversion: always, or only where the shapes differ, as transformers decides).
         for part, rows in (("gate_up_proj", 2 * Fi), ("down_proj", H)):
             cols = H if part == "gate_up_proj" else Fi
-            key, flipped = fused[part]
-            on_disk = module.is_transposed != flipped  # [E, cols, rows] rather than [E, rows, cols]
-            shape = (E, cols, rows) if on_disk else (E, rows, cols)
+            key, flip = fused[part]
+            mem = (E, cols, rows) if module.is_transposed else (E, rows, cols)
+            flipped = flip == "always" or (flip == "if_shape_differs"
+                                           and self.reader.shape(key) != mem)
+            shape = (mem[0], mem[2], mem[1]) if flipped else mem
             _check_shape(self.reader, key, shape)
+            transposed = flipped != module.is_transposed  # the file holds [E, cols, rows]
             for i, a, b in _runs(local):  # read only this rank's experts' rows
                 t = self.reader.read(key, shape, rows=(a, b))
-                t = t.transpose(1, 2) if on_disk else t
+                t = t.transpose(1, 2) if transposed else t
                 (moe.w_gate_up if part == "gate_up_proj" else moe.w_down)[i : i + b - a].copy_(t)
 
 

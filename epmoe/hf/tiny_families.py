@@ -32,9 +32,26 @@ LINEAR_ATTN = dict(linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_valu
 QWEN_NEXT_MOE = dict(intermediate_size=96, moe_intermediate_size=32,
                      shared_expert_intermediate_size=48, num_experts=6, num_experts_per_tok=2)
 
+# A tiny vision tower for the multimodal families (only their text part runs here).
+VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+              patch_size=4, spatial_merge_size=2, temporal_patch_size=2)
+MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]}
+
 # family -> (config class, fields, where the text fields go: None = the config itself,
-#            else the name of its sub-config)
+#            else the name of its text sub-config, beside a tiny vision_config)
 TINY_SEAM_FAMILIES: dict[str, tuple[str, dict, str | None]] = {
+    "qwen3_vl_moe": ("Qwen3VLMoeConfig", dict(
+        intermediate_size=96, moe_intermediate_size=24, num_experts=6, num_experts_per_tok=2,
+        head_dim=16, rope_parameters=MROPE), "text_config"),
+    "kimi_k25": ("Kimi_K25Config", dict(
+        DEEPSEEK_MOE, **MLA, first_k_dense_replace=1, rope_parameters=ROPE,
+        _vision=dict(num_hidden_layers=1, hidden_size=32, intermediate_size=64,
+                     num_attention_heads=2, patch_size=4, pos_emb_height=8, pos_emb_width=8),
+        projection_hidden_size=32), "text_config"),
+    "glm4v_moe": ("Glm4vMoeConfig", dict(
+        DEEPSEEK_MOE, first_k_dense_replace=1, head_dim=16,
+        rope_parameters=dict(MROPE, partial_rotary_factor=0.5, mrope_section=[2, 1, 1])),
+        "text_config"),
     "glm4_moe": ("Glm4MoeConfig", dict(DEEPSEEK_MOE, first_k_dense_replace=1, head_dim=16),
                  None),
     "glm4_moe_lite": ("Glm4MoeLiteConfig", dict(DEEPSEEK_MOE, **MLA, **DENSE_SPARSE), None),
@@ -95,8 +112,12 @@ def tiny_seam_config(family: str, **overrides):
     cls = getattr(transformers, cls_name)
     if sub is None:
         return cls(**{**TEXT, **fields, **overrides})
-    text_cls = type(getattr(cls(), sub))
-    return cls(**{sub: text_cls(**{**TEXT, **fields, **overrides})})
+    text = {**TEXT, **fields, **overrides}
+    vision = text.pop("_vision", VISION)
+    top = {k: text.pop(k) for k in ("tie_word_embeddings", "projection_hidden_size")
+           if k in text}
+    return cls(**{sub: text, "vision_config": dict(vision)}, **top,
+               architectures=[cls_name.replace("Config", "ForConditionalGeneration")])
 
 
 def save_tiny_seam_checkpoint(family: str, out_dir: str | Path, seed: int = 0,
