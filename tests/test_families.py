@@ -147,3 +147,111 @@ def test_experts_epmoe_cannot_run_are_refused_by_name(tmp_path):
     with pytest.raises(CheckpointError, match=r"experts without a gate \(has_gate=False\)"):
         seam_layer(Ungated(config), config, epmoe.single_process_state("cpu"), torch.float32,
                    {}, "layer 0")
+
+
+# ------------------------------------------ what the seam families keep: balancing, training
+
+def _capabilities_worker(dirs: dict[str, str]) -> dict:
+    from epmoe.training import average_gradients
+
+    warnings.filterwarnings("ignore")
+    state = epmoe.init_distributed(force_cpu=True, timeout_s=60)
+    out = {}
+    ids, _ = rank_inputs(state.rank)
+    for name in ("glm4_moe", "qwen3_vl_moe_hub"):
+        # redundant experts (read from the checkpoint), load statistics, a rebalance
+        model = from_pretrained(dirs[name], state, dtype="float32",
+                                moe_options=dict(num_redundant_experts=2, load_window=4))
+        with model.epmoe.session(), torch.no_grad():
+            before = model(input_ids=ids).logits
+        loaded = [layer.local_experts for layer in model.epmoe.layers]
+        load = [layer.load.total().clone() for layer in model.epmoe.layers]
+        model.epmoe.rebalance(min_gain=0.0)
+        with model.epmoe.session(), torch.no_grad():
+            after = model(input_ids=ids).logits
+        moved = [layer.local_experts for layer in model.epmoe.layers] != loaded
+        # a capacity: dropped pairs are counted, the rest still equal transformers' experts
+        capped = from_pretrained(dirs[name], state, dtype="float32",
+                                 moe_options=dict(capacity_factor=0.5))
+        with capped.epmoe.session(), torch.no_grad():
+            capped(input_ids=ids)
+        dropped = sum(int(layer.dropped) for layer in capped.epmoe.layers)
+        out[name] = dict(before=before, after=after, loaded=loaded, load=load, moved=moved,
+                         dropped=dropped)
+    # training: gradients through transformers' router and epmoe's experts
+    model = from_pretrained(dirs["glm4_moe"], state, dtype="float32")
+    model.train()
+    with model.epmoe.session():
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    average_gradients(model, state)
+    local = {n: m.moe.local_experts for n, m in model.named_modules()
+             if isinstance(m, SeamExperts)}
+    out["grads"] = dict(loss=loss.detach(), local=local,
+                        grads={n: p.grad for n, p in model.named_parameters()
+                               if p.grad is not None})
+    return out
+
+
+@functools.cache
+def capabilities(dirs: tuple[tuple[str, str], ...]) -> list[dict]:
+    return run_ranks(_capabilities_worker, 2, dict(dirs), deadline_s=300)
+
+
+@pytest.mark.parametrize("name", ["glm4_moe", "qwen3_vl_moe_hub"])
+def test_redundant_experts_rebalance_and_capacity_through_the_seam(seam_checkpoints, name):
+    per_rank = capabilities(tuple(sorted(seam_checkpoints.items())))
+    for rank, r in enumerate(per_rank):
+        got = r[name]
+        ref_logits, _ = reference(seam_checkpoints[name], rank)
+        assert (got["before"] - ref_logits).abs().max().item() <= 1e-4
+        assert (got["after"] - ref_logits).abs().max().item() <= 1e-4
+        assert all(len(ids) == len(got["loaded"][0]) for ids in got["loaded"])
+        assert all(int(load.sum()) > 0 for load in got["load"])
+        assert got["dropped"] > 0  # capacity 0.5: some pairs over it
+    assert any(r[name]["moved"] for r in per_rank)  # the rebalance moved experts
+
+
+def test_training_gradients_through_the_seam_match_transformers(seam_checkpoints):
+    """EP=2, each rank its own sequences, average_gradients: every gradient equals that
+    of transformers on one process for the mean of the two ranks' losses."""
+    from transformers import AutoConfig
+
+    path = seam_checkpoints["glm4_moe"]
+    ranks = [r["grads"] for r in capabilities(tuple(sorted(seam_checkpoints.items())))]
+    ref = model_class(AutoConfig.from_pretrained(path)).from_pretrained(path,
+                                                                        dtype=torch.float32)
+    ref.train()
+    losses = [ref(input_ids=rank_inputs(r)[0], labels=rank_inputs(r)[0]).loss for r in range(2)]
+    (sum(losses) / 2).backward()
+    want = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    for rank, r in enumerate(ranks):
+        assert torch.allclose(r["loss"], losses[rank].detach(), rtol=1e-5)
+        assert len(r["grads"]) == len(want)
+        for n, g in r["grads"].items():
+            if ".experts.moe." in n:
+                block, leaf = n.rsplit(".moe.", 1)
+                local = list(r["local"][block])
+                w = {"w_gate_up": want[f"{block}.gate_up_proj"][local],
+                     "w_down": want[f"{block}.down_proj"][local]}[leaf]
+            else:
+                w = want[n]
+            err = (g - w).abs().max().item()
+            assert err <= 1e-5 * max(w.abs().max().item(), 1e-6), f"rank {rank} {n}: {err:.3g}"
+
+
+def test_balancing_of_epmoes_router_is_refused_with_the_models_own(seam_checkpoints):
+    with pytest.raises(ValueError, match=r"router='given' routes with the model's own router: "
+                                         r"\['score_correction_bias', 'bias_update_rate'\]"):
+        from_pretrained(seam_checkpoints["glm4_moe"], epmoe.single_process_state("cpu"),
+                        moe_options=dict(score_correction_bias=True, bias_update_rate=1e-3))
+
+
+def test_save_pretrained_is_refused_by_name(seam_checkpoints, tmp_path):
+    from epmoe.hf import save_pretrained
+
+    state = epmoe.single_process_state("cpu")
+    model = from_pretrained(seam_checkpoints["minimax_m2"], state)
+    with pytest.raises(CheckpointError, match=r"model_type='minimax_m2' runs through "
+                                              r"transformers' experts seam"):
+        save_pretrained(model, tmp_path, state)

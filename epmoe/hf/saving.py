@@ -32,8 +32,8 @@ from ..collectives import gather_objects
 from ..health import guarded
 from ..moe import ExpertParallelMoE
 from ..parallel_state import ParallelState, world_barrier
-from .checkpoint import INDEX
-from .families import family_of
+from .checkpoint import INDEX, CheckpointError
+from .families import FAMILIES, family_of
 from .loading import EPMoEBlock
 
 __all__ = ["save_pretrained", "expert_file", "DENSE_FILE"]
@@ -110,6 +110,11 @@ def save_pretrained(model: nn.Module, out_dir: str | Path, state: ParallelState)
     safetensors checkpoint, each rank its own experts (see the module docstring). A
     collective over the world. Returns the directory."""
     out = Path(out_dir)
+    if any(type(m).__name__ == "SeamExperts" for m in model.modules()):
+        raise CheckpointError(f"save_pretrained: model_type={model.config.model_type!r} runs "
+                              "through transformers' experts seam, whose checkpoints epmoe does "
+                              "not write yet; it writes the families with an adapter of its own: "
+                              f"{sorted(FAMILIES)}")
     with torch.no_grad():
         mine = _plain(expert_tensors(model)) if state.dp_rank == 0 else {}
         dense = _plain(dense_tensors(model)) if state.rank == 0 else {}
