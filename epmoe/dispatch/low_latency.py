@@ -4,11 +4,13 @@ Every (source, destination) pair of ranks has a buffer of ``C =
 max_tokens_per_rank`` rows, so dispatch and combine are one equal-split
 all-to-all each, with no count exchange, and every shape is known before the
 data: nothing waits on the host, and the forward can be captured in a CUDA
-graph (with ``grouped_mm`` experts). Token rows and their routing (fp32
-weights and local ids) travel packed as bytes in one collective. A token goes
-once to each rank that holds one of its experts; unused rows are padding
-(local ids -1). Passing more than ``C`` tokens is an error naming the limit, on
-every rank (a header row in front of each block carries it).
+graph (with ``grouped_mm`` experts, whose fused kernel torch runs for bf16 on
+sm90/sm100; ``tests/test_capture_safety.py`` checks the host reads on the CPU).
+Token rows and their routing (fp32 weights and local ids) travel packed as bytes
+in one collective. A token goes once to each rank that holds one of its
+experts; unused rows are padding (local ids -1). Passing more than ``C`` tokens
+is an error naming the limit, on every rank (a header row in front of each
+block carries it).
 Shape legend: T tokens here, G ranks, C capacity, R = G*C buffer rows, k top_k.
 """
 
@@ -118,8 +120,14 @@ class LowLatencyDispatcher(Dispatcher):
             0, pos, w_TGK.reshape(T * G, k).float())[:R]
         ids_buf = torch.full((R + 1, k), -1.0, device=dev).index_copy(
             0, pos, local_TGK.reshape(T * G, k).float())[:R]
-        # No chunks here (at most C tokens): the header is [problem, detail].
-        head_2 = torch.tensor(header_of(error, False)[:2], device=dev)
+        # No chunks here (at most C tokens): the header is [problem, detail], made on
+        # the device (zeros; an error's numbers filled in as kernel arguments) and not
+        # copied from the host, which a stream under CUDA-graph capture does not allow.
+        problem, detail, _ = header_of(error, False)
+        head_2 = torch.zeros(2, dtype=torch.int64, device=dev)
+        if problem:
+            head_2[0].fill_(problem)
+            head_2[1].fill_(detail)
         if G == 1:  # nothing travels
             x_R, w_R, ids_R, heads_G2 = x_buf, w_buf, ids_buf, head_2.view(1, 2)
         else:
