@@ -97,7 +97,8 @@ class MoEConfig:
     #   (transformers' Mixtral, DeepSeek); False: in dtype, the weight rounded first (Qwen,
     #   OLMoE, GPT-OSS), which needs no fp32 copy. The same in an fp32 model.
     weigh_input: bool = False  # the routing weight multiplies each expert's input rows instead
-    #   of its output, in dtype, and the outputs are summed unweighted (Llama 4)
+    #   of its output, in dtype, and the outputs are summed unweighted (Llama 4; with
+    #   weigh_in_fp32 the sum is in fp32)
     expert_bias: bool = False  # biases on every expert's gate, up and down projections (GPT-OSS)
     swiglu_alpha: float = 1.702  # clamped_swiglu: out = (up + 1) * gate * sigmoid(alpha * gate)
     swiglu_limit: float = 7.0  # clamped_swiglu: gate <= limit, -limit <= up <= limit
