@@ -24,6 +24,7 @@ from ..moe import ExpertParallelMoE
 from ..parallel_state import ParallelState
 from .checkpoint import CheckpointError, CheckpointReader
 from .families import FAMILIES, Family, family_of
+from .llama4 import LLAMA4_TYPES, build_llama4_model
 from .lockstep import Lockstep
 from .seam_load import build_seam_model
 
@@ -164,8 +165,9 @@ def _build_and_load(path: Path, state: ParallelState, hf_config, family: Family,
         if moe_options.get("parallelism", "expert") != "expert":
             raise ValueError("moe_options: from_pretrained loads the experts expert-parallel; "
                              "parallelism='tensor' is for the layer itself")
-        model, layers = build_seam_model(path, state, hf_config, dtype, reader, moe_options,
-                                         collect_stats)
+        # (Llama 4's MoE block is not on the seam: an adapter of its own, epmoe.hf.llama4)
+        build = build_llama4_model if hf_config.model_type in LLAMA4_TYPES else build_seam_model
+        model, layers = build(path, state, hf_config, dtype, reader, moe_options, collect_stats)
         return model, {i: layer.moe for i, layer in enumerate(layers.values())}
     with torch.device("meta"):  # no weight is allocated here
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
