@@ -255,3 +255,27 @@ def test_save_pretrained_is_refused_by_name(seam_checkpoints, tmp_path):
     with pytest.raises(CheckpointError, match=r"model_type='minimax_m2' runs through "
                                               r"transformers' experts seam"):
         save_pretrained(model, tmp_path, state)
+
+
+@pytest.mark.parametrize("name", ["qwen3_vl_moe_hub", "mistral4"])
+def test_generate_on_the_serving_engine_over_two_ranks(seam_checkpoints, name):
+    """``python -m epmoe generate`` (the serving engine: paged KV cache, continuous
+    batching) on a seam family, 2 ranks: each prompt's greedy tokens equal transformers'."""
+    from test_cli_generate import generate
+
+    path = seam_checkpoints[name]
+    prompts = [[5, 9, 17, 33, 2, 80], [7, 1, 250], [40, 41, 42, 43, 44, 45, 46, 47, 48]]
+    p = generate(2, "--model", path, "--max-new-tokens", "5", "--ignore-eos", "--force-cpu",
+                 "--dtype", "float32",
+                 *[a for ids in prompts for a in ("--prompt-ids", ",".join(map(str, ids)))])
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("[")]
+    assert len(lines) == len(prompts), p.stdout
+    from transformers import AutoConfig
+
+    model = model_class(AutoConfig.from_pretrained(path)).from_pretrained(
+        path, dtype=torch.float32).eval()
+    for line, ids in zip(lines, prompts, strict=True):
+        want = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=5,
+                              do_sample=False)[0, len(ids):].tolist()
+        assert line.endswith("-> " + ",".join(map(str, want))), (line, want)

@@ -106,7 +106,7 @@ def _prompts(model_dir: Path, prompt: list[str], prompt_ids: list[str],
         raise ValueError("a prompt tokenised to no tokens")
     from transformers import AutoConfig
 
-    vocab = AutoConfig.from_pretrained(model_dir).vocab_size
+    vocab = AutoConfig.from_pretrained(model_dir).get_text_config().vocab_size
     for shown, ids in out:
         if not all(0 <= i < vocab for i in ids):
             raise ValueError(f"prompt {shown!r}: token ids must lie in [0, {vocab}) "

@@ -168,7 +168,7 @@ def _serve_rank0(engine, state, m, model_dir: Path, host: str, port: int, name: 
     c = engine.config
     client = EngineClient(max_pending=state.world_size * (c.max_num_seqs + c.max_waiting))
     app = build_app(client, _tokenizer(model_dir), name, c.max_model_len,
-                    m.config.vocab_size, api_key=api_key, eos_token_ids=tuple(
+                    m.config.get_text_config().vocab_size, api_key=api_key, eos_token_ids=tuple(
                         engine.eos_token_ids))
     failure = []
 

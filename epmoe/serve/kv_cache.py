@@ -237,7 +237,7 @@ def paged_attention(module, query: Tensor, key: Tensor, value: Tensor, attention
 
 def check_attention_only(hf_config) -> None:
     """Refuse, by name, a model with layers that keep state other than keys and values."""
-    kinds = set(getattr(hf_config, "layer_types", None) or ())
+    kinds = set(getattr(hf_config.get_text_config(), "layer_types", None) or ())
     other = kinds - {"full_attention", "sliding_attention"}
     if other:
         raise ValueError(f"serving supports attention layers only; {hf_config.model_type} has "
