@@ -43,6 +43,7 @@ __all__ = [
     "expert_mlp",
     "gated_activation",
     "grouped_experts",
+    "grouped_mm_fast",
     "grouped_mm_ok",
     "init_expert",
     "init_router",
@@ -180,17 +181,24 @@ def choose_expert_impl(device: torch.device, dtype: torch.dtype) -> str:
     in bf16 and fp32 alike the loop is faster with many rows per expert (Mixtral
     prefill, 1024 rows each: 71 against 99 ms in bf16) and grouped_mm with few
     rows or many experts (decode; DeepSeek's 32 local experts), hence a
-    threshold of ``LOOP_MIN_ROWS`` rows per expert. CUDA: grouped_mm for bf16
-    on compute capability 8.0 and newer (its kernels' requirement), the loop
-    otherwise (not measured here: no GPU).
+    threshold of ``LOOP_MIN_ROWS`` rows per expert. CUDA: grouped_mm where torch
+    runs its fused kernel (:func:`grouped_mm_fast`), the loop otherwise (not
+    measured here: no GPU).
     """
     if not hasattr(F, "grouped_mm"):
         return "loop"
     if device.type == "cpu":
         return "auto_rows"
-    if device.type == "cuda" and dtype == torch.bfloat16:
-        return "grouped_mm" if torch.cuda.get_device_capability(device)[0] >= 8 else "loop"
-    return "loop"
+    return "grouped_mm" if grouped_mm_fast(device, dtype) else "loop"
+
+
+def grouped_mm_fast(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch runs ``grouped_mm`` on ``device`` with its fused kernel, which reads
+    nothing on the host (CUDA-graph safe): CUDA, bf16, compute capability 9.x or 10.x
+    (torch 2.13's ``_grouped_mm_cuda``). Elsewhere on CUDA (sm80, sm89, sm120; fp32, fp16)
+    torch falls back to one product per expert after copying the offsets to the host."""
+    return (device.type == "cuda" and dtype == torch.bfloat16 and hasattr(F, "grouped_mm")
+            and torch.cuda.get_device_capability(device)[0] in (9, 10))
 
 
 def sort_by_local_expert(local_ids_NK: Tensor, num_local: int) -> tuple[Tensor, list[int]]:
@@ -438,7 +446,10 @@ def local_experts_forward_fixed(
     key = torch.where(ids >= 0, ids, e)  # [N*k]
     order = torch.argsort(key, stable=True)
     key_sorted = key.index_select(0, order)
-    offs = torch.bincount(key, minlength=e + 1)[:e].cumsum(0).to(torch.int32)
+    # Where each expert's rows end: how many sorted keys are <= it. No host read
+    # (torch.bincount would read its input's min and max on the host on CUDA).
+    offs = torch.searchsorted(key_sorted, torch.arange(e, device=key.device),
+                              right=True).to(torch.int32)
     rows = order.div(k, rounding_mode="floor")
     valid = (key_sorted < e).unsqueeze(1)
     # Masked on the way in too: grouped_mm's backward leaves the gradient of rows

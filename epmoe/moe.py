@@ -44,6 +44,7 @@ from .experts import (
     ExpertWeights,
     choose_expert_impl,
     gated_activation,
+    grouped_mm_fast,
     grouped_mm_ok,
     init_expert,
     init_router,
@@ -381,7 +382,10 @@ class ExpertParallelMoE(nn.Module):
         if error is None and c.nonfinite == "raise" and not capturing():  # (no host reads
             error = check_finite(x_TH, logits_TE, weights_TK, self._where)  # in a CUDA graph)
         if self._load_E is not None:
-            self._load_E += torch.bincount(ids_TK.flatten(), minlength=c.num_experts)
+            # (index_add_, not bincount: on CUDA bincount reads the ids' min and max on
+            # the host, which a CUDA graph does not allow; integer sums are exact)
+            ids = ids_TK.flatten()
+            self._load_E.index_add_(0, ids, torch.ones_like(ids, dtype=self._load_E.dtype))
         if self._balancing:  # sums over this rank's tokens, for the losses after the chunks
             probs_E = router_probs(logits_TE, c.scoring).sum(0)
             self._probs_E = probs_E if self._probs_E is None else self._probs_E + probs_E
@@ -459,7 +463,9 @@ class ExpertParallelMoE(nn.Module):
         # Fixed shapes (no host sync: CUDA-graph safe) where a host sync costs
         # something; on the CPU reading the counts is free, and the fixed path's
         # gather of every padding slot is not.
-        if self.dispatcher.fixed_shapes and x_NH.device.type != "cpu" and \
+        # (Only where grouped_mm's fused kernel runs: its fallback reads the offsets on
+        # the host anyway, and would add the gather of every padding slot.)
+        if self.dispatcher.fixed_shapes and grouped_mm_fast(x_NH.device, x_NH.dtype) and \
                 not self.config.batch_invariant and grouped_mm_ok(self._experts()):
             return local_experts_forward_fixed(x_NH, local_ids_NK, w_NK, self._experts(),
                                                self._glu, self.config.weigh_in_fp32,
