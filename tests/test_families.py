@@ -279,3 +279,17 @@ def test_generate_on_the_serving_engine_over_two_ranks(seam_checkpoints, name):
         want = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=5,
                               do_sample=False)[0, len(ids):].tolist()
         assert line.endswith("-> " + ",".join(map(str, want))), (line, want)
+
+
+@pytest.mark.parametrize("name, kind", [("jamba", "linear_attention"),
+                                        ("lfm2_moe", "conv"),
+                                        ("deepseek_v32", "indexed_attention")])
+def test_serving_refuses_layers_the_paged_cache_cannot_run_by_name(seam_checkpoints, name,
+                                                                   kind):
+    from transformers import AutoConfig
+
+    from epmoe.serve.kv_cache import check_attention_only
+
+    with pytest.raises(ValueError, match=rf"has \['{kind}'\] layers"):
+        check_attention_only(AutoConfig.from_pretrained(seam_checkpoints[name]))
+    check_attention_only(AutoConfig.from_pretrained(seam_checkpoints["qwen3_vl_moe"]))

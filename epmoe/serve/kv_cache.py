@@ -236,10 +236,14 @@ def paged_attention(module, query: Tensor, key: Tensor, value: Tensor, attention
 
 
 def check_attention_only(hf_config) -> None:
-    """Refuse, by name, a model with layers that keep state other than keys and values."""
+    """Refuse, by name, a model with layers the paged cache does not run: layers that keep
+    state other than keys and values (linear attention, Mamba, convolutions), and attention
+    that sees other than the causal past or a sliding window of it (Llama 4's chunks,
+    DeepSeek-V3.2's indexed sparse attention)."""
     kinds = set(getattr(hf_config.get_text_config(), "layer_types", None) or ())
     other = kinds - {"full_attention", "sliding_attention"}
     if other:
-        raise ValueError(f"serving supports attention layers only; {hf_config.model_type} has "
-                         f"{sorted(other)} layers (their recurrent state is not in the paged "
-                         "KV cache)")
+        raise ValueError(f"serving supports full and sliding-window attention layers only; "
+                         f"{hf_config.model_type} has {sorted(other)} layers (recurrent state, "
+                         "chunked or indexed attention: not in the paged KV cache); "
+                         "epmoe.from_pretrained and transformers' generate run it")
