@@ -19,7 +19,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .experts import GLU, expert_mlp, sort_by_local_expert, weigh
+from .experts import (
+    GLU,
+    LOOP_MIN_ROWS,
+    ExpertWeights,
+    expert_mlp,
+    grouped_mm_ok,
+    run_experts,
+    sort_by_local_expert,
+    weigh,
+)
 from .ops import by_tiles, sum_rows
 from .quant import QuantizedExperts
 
@@ -30,6 +39,7 @@ def quantized_experts_forward(
     x_NH: Tensor, local_ids_NK: Tensor, weights_NK: Tensor, experts: QuantizedExperts,
     glu: GLU, weigh_in_fp32: bool = False, accumulate: torch.dtype | None = None,
     biases: tuple[Tensor, Tensor] | None = None, invariant: bool = False,
+    impl: str = "loop",
 ) -> tuple[Tensor, list[int]]:
     """Each received row's weighted sum over the slots whose expert is local.
 
@@ -41,16 +51,36 @@ def quantized_experts_forward(
 
     Returns ``(partial_NH, counts)`` as :func:`~epmoe.experts.local_experts_forward`.
 
+    ``impl``: as the plain layer's (``"loop"``, ``"grouped_mm"``, ``"auto_rows"``), so
+    that the products, hence the bits, are the plain path's on the dequantized weights.
+
     Cost: one dequantization per local expert that received rows, per forward (two
-    new ``[2F, H]`` and ``[H, F]`` tensors);
-    experts that received nothing are not dequantized. Nothing is cached, so the
-    memory stays that of the quantized stack plus one expert.
+    new ``[2F, H]`` and ``[H, F]`` tensors); experts that received nothing are not
+    dequantized. Nothing is cached: the loop holds one dequantized expert at a time;
+    ``grouped_mm`` (chosen for few rows per expert) stacks those that received rows,
+    for the duration of the products.
     """
     N, k = local_ids_NK.shape
     H = experts.hidden
     pair_M, counts = sort_by_local_expert(local_ids_NK, experts.num_local)
     rows_M = pair_M.div(k, rounding_mode="floor")
     x_MH = x_NH.index_select(0, rows_M)
+    if impl == "auto_rows":  # (the plain layer's rule: experts.local_experts_forward)
+        impl = "loop" if sum(counts) >= LOOP_MIN_ROWS * len(counts) else "grouped_mm"
+    if impl == "grouped_mm" and not invariant:
+        used = [i for i, n in enumerate(counts) if n]
+        pairs = [experts.expert(i, x_NH.dtype) for i in used]
+        stack = ExpertWeights(
+            torch.stack([p[0] for p in pairs]) if pairs else x_NH.new_empty((0, 0, H)),
+            torch.stack([p[1] for p in pairs]) if pairs else x_NH.new_empty((0, H, 0)),
+            None if biases is None else biases[0][used], None if biases is None else
+            biases[1][used])
+        if pairs and grouped_mm_ok(stack):
+            y_MH = run_experts(x_MH, [counts[i] for i in used], stack, glu, "grouped_mm")
+            y_MH = weigh(y_MH, weights_NK.reshape(-1).index_select(0, pair_M), weigh_in_fp32,
+                         accumulate)
+            return sum_rows(y_MH, rows_M, pair_M % k, N, k).to(accumulate or x_NH.dtype), \
+                counts
     outs, start = [], 0
     for i, n in enumerate(counts):  # a plain loop over experts, not tokens
         if n:

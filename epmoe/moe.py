@@ -52,10 +52,12 @@ from .experts import (
     local_experts_forward,
     local_experts_forward_fixed,
 )
+from .experts_quant import quantized_experts_forward
 from .health import guarded
 from .ops import by_tiles, capturing
 from .parallel_state import ParallelState
 from .placement import ExpertMap, choose_replicas, expert_map, f_slices, tensor_parallel_map
+from .quant import QuantizedExperts
 from .rebalance import Rebalance, rebalance_layer
 from .router import route
 from .stats import ExpertLoad, MoEStats, PhaseTimer, forward_stats
@@ -166,6 +168,7 @@ class ExpertParallelMoE(nn.Module):
         self._bias_counts_E = torch.zeros(config.num_experts, dtype=torch.int64, device=dev)
         self.dropped = torch.zeros((), dtype=torch.int64, device=dev)  # (capacity_factor)
         self.peak_rows = 0  # most rows this rank received in one round (bounded by chunking)
+        self.quantized: QuantizedExperts | None = None  # FP8/MXFP4 experts (use_quantized)
         impl = config.expert_impl
         self.expert_impl = choose_expert_impl(dev, dt) if impl == "auto" else impl
         if config.batch_invariant:  # fixed-size products (experts.invariant_experts)
@@ -197,14 +200,15 @@ class ExpertParallelMoE(nn.Module):
         return choose_replicas(ids_TK, *self._replicas, offset=self.state.ep_rank)
 
     # Views of the fused gate/up tensors, by the names of the full weights.
-    w_gate = property(lambda self: self.w_gate_up[:, : self.w_down.shape[2]])
-    w_up = property(lambda self: self.w_gate_up[:, self.w_down.shape[2] :])
+    w_gate = property(lambda self: self.w_gate_up[:, : self._f])
+    w_up = property(lambda self: self.w_gate_up[:, self._f :])
+    _f = property(lambda self: self.f_slice[1] - self.f_slice[0])  # (F here)
     b_gate = property(lambda self: self._bias_half(0))
     b_up = property(lambda self: self._bias_half(1))
 
     def _bias_half(self, half: int) -> Tensor | None:
         b = self.weight("b_gate_up")
-        Fi = self.w_down.shape[2]
+        Fi = self._f
         return None if b is None else b[:, half * Fi : (half + 1) * Fi]
 
     def weight(self, name: str) -> Tensor | None:
@@ -287,9 +291,32 @@ class ExpertParallelMoE(nn.Module):
         return counts_E
 
     def expert_tensors(self) -> list[Tensor]:
-        """The stacked per-slot tensors ``[e, ...]``: what a rebalance moves."""
+        """The stacked per-slot tensors ``[e, ...]``: what a rebalance moves (with quantized
+        experts, their stored blocks and scales)."""
         names = ("w_gate_up", "w_down", "b_gate_up", "b_down")
-        return [t for n in names if (t := self.weight(n)) is not None]
+        plain = [t for n in names if (t := self.weight(n)) is not None]
+        return plain + (list(self.quantized.buffers()) if self.quantized is not None else [])
+
+    def use_quantized(self, experts: QuantizedExperts) -> None:
+        """Hold this rank's experts quantized (FP8 or MXFP4, :mod:`epmoe.quant`), one expert
+        dequantized at a time when it computes, in place of the plain ``w_gate_up`` and
+        ``w_down`` (dropped: about half or a quarter of their bytes stay). Inference and
+        rebalancing only: the quantized weights have no gradients, and the reference and
+        ``load_full_weights`` need the plain ones."""
+        c = self.config
+        if c.weigh_input or c.parallelism == "tensor":
+            raise ValueError(f"{self.name}: quantized experts do not run with "
+                             f"weigh_input=True or parallelism='tensor'")
+        if experts.num_local != len(self.local_experts) or \
+                (experts.hidden, experts.inter) != (c.hidden_size, c.intermediate_size):
+            raise ValueError(f"{self.name}: quantized experts of e={experts.num_local}, "
+                             f"H={experts.hidden}, F={experts.inter}; this layer has "
+                             f"e={len(self.local_experts)}, H={c.hidden_size}, "
+                             f"F={c.intermediate_size}")
+        del self.w_gate_up, self.w_down
+        self.register_parameter("w_gate_up", None)
+        self.register_parameter("w_down", None)
+        self.quantized = experts
 
     def expert_weight_bytes(self) -> int:
         """Bytes of routed-expert weights this rank holds (replicated weights not counted)."""
@@ -460,6 +487,13 @@ class ExpertParallelMoE(nn.Module):
 
     def _compute(self, received) -> tuple[Tensor, list[int] | None]:
         x_NH, local_ids_NK, w_NK = received
+        c = self.config
+        if self.quantized is not None:  # FP8 / MXFP4: one expert dequantized at a time
+            b_gu, b_d = self.weight("b_gate_up"), self._experts().b_down
+            wide = c.partial_dtype if c.partial_dtype != c.dtype else None
+            return quantized_experts_forward(
+                x_NH, local_ids_NK, w_NK, self.quantized, self._glu, c.weigh_in_fp32, wide,
+                None if b_gu is None else (b_gu, b_d), c.batch_invariant, self.expert_impl)
         # Fixed shapes (no host sync: CUDA-graph safe) where a host sync costs
         # something; on the CPU reading the counts is free, and the fixed path's
         # gather of every padding slot is not.
@@ -470,7 +504,6 @@ class ExpertParallelMoE(nn.Module):
             return local_experts_forward_fixed(x_NH, local_ids_NK, w_NK, self._experts(),
                                                self._glu, self.config.weigh_in_fp32,
                                                self.config.weigh_input), None
-        c = self.config
         wide = c.partial_dtype if c.partial_dtype != c.dtype else None
         return local_experts_forward(x_NH, local_ids_NK, w_NK, self._experts(), self._glu,
                                      self.expert_impl, c.weigh_in_fp32, wide, c.weigh_input)

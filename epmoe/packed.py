@@ -270,7 +270,10 @@ def pack_for_inference(model: nn.Module, batch_hint: int | None = None) -> PackR
     done: dict[int, Tensor] = {}  # one packed tensor per plain storage
     for name, m in modules:
         if isinstance(m, ExpertParallelMoE) and not isinstance(m, PackedMoE):
-            if can_pack(m.w_down[0]):
+            if m.quantized is not None:  # FP8/MXFP4: dequantized per expert, not packed
+                report.skipped.append(f"{name}: quantized experts "
+                                      f"({m.quantized.fmt.method})")
+            elif can_pack(m.w_down[0]):
                 _pack_moe(m, batch_hint, report)
             else:
                 report.skipped.append(f"{name}: {m.config.dtype} on {m.w_down.device}")

@@ -105,11 +105,9 @@ def move_rows(tensors: list[Tensor], moves: list[Move], ep_rank: int, ep_size: i
     that leave). Every rank of ``group`` calls it with the same ``moves``. Returns the
     rows this rank sent and received."""
     me = ep_rank
-    dtype = tensors[0].dtype
-    if any(t.dtype != dtype for t in tensors):
-        raise ValueError("move_rows: the expert tensors must share one dtype, got "
-                         f"{sorted({str(t.dtype) for t in tensors})}")
     flat = [t.view(t.shape[0], -1) for t in tensors]  # [e, D_i] views of the parameters
+    if len({t.dtype for t in tensors}) > 1:  # (quantized experts: fp8 or uint8 weights,
+        flat = [f.view(torch.uint8) for f in flat]  # fp32 scales): their bytes travel
     outgoing = [m for m in moves if m.src_rank == me and m.dst_rank != me]
     incoming = [m for m in moves if m.dst_rank == me and m.src_rank != me]
     local = [m for m in moves if m.src_rank == me and m.dst_rank == me]

@@ -16,14 +16,14 @@ import torch
 
 pytest.importorskip("transformers")
 
+from multiproc import run_ranks  # noqa: E402
+from test_hf_models import rank_inputs  # noqa: E402
+
 import epmoe  # noqa: E402
 from epmoe.hf import CheckpointError, from_pretrained  # noqa: E402
 from epmoe.hf.seam import SeamExperts  # noqa: E402
 from epmoe.hf.seam_load import model_class  # noqa: E402
 from epmoe.hf.tiny_families import TINY_SEAM_FAMILIES, save_tiny_seam_checkpoint  # noqa: E402
-from multiproc import run_ranks  # noqa: E402
-
-from test_hf_models import rank_inputs  # noqa: E402
 
 WORLDS = [1, 2, 3]
 # qwen3_vl_moe_hub: Qwen3-VL-MoE's experts as its release stores them, [E, H, 2F] and

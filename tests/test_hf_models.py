@@ -356,7 +356,10 @@ def test_a_failing_rank_lets_the_others_finish(checkpoints):
     assert max(o["seconds"] for o in out) < 15, "a rank waited for a collective timeout"
 
 
-def test_quantised_checkpoints_are_refused(checkpoints, tmp_path):
+def test_misquantised_checkpoints_are_refused(checkpoints, tmp_path):
+    """(FP8 and MXFP4 checkpoints load: tests/test_quant_models.py.) A config that says
+    fp8 over unquantized experts, and an fp8 tensor in an unquantized checkpoint, are
+    named."""
     import json
     import shutil
 
@@ -365,7 +368,8 @@ def test_quantised_checkpoints_are_refused(checkpoints, tmp_path):
     cfg = json.loads((q / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
     (q / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"quantised checkpoint \(quant_method='fp8'\)"):
+    with pytest.raises(CheckpointError, match=r"expert weight 'model.layers.1.mlp.experts.0."
+                                              r"gate_proj.weight' is F32, not fp8"):
         from_pretrained(q, epmoe.single_process_state("cpu"))
     key = "model.layers.0.self_attn.o_proj.weight"
     path = _edit(checkpoints["olmoe"], tmp_path / "f8",

@@ -28,6 +28,8 @@ class CheckpointError(ValueError):
 class CheckpointReader:
     """Tensor names, shapes and (partial) reads of the safetensors files of ``path``."""
 
+    quant = None  # the checkpoint's epmoe.quant.QuantFormat (FP8, MXFP4), set by the loader
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         if (self.path / INDEX).is_file():
@@ -73,18 +75,19 @@ class CheckpointReader:
         return self._header(name)[1]
 
     def read(self, name: str, shape: tuple[int, ...] | None = None,
-             rows: tuple[int, int] | None = None) -> Tensor:
+             rows: tuple[int, int] | None = None, quantized: bool = False) -> Tensor:
         """The tensor ``name`` (or its rows ``[a, b)`` along dim 0), checked against ``shape``.
 
         ``shape`` is the full tensor's expected shape; a mismatch raises a
-        :class:`CheckpointError` that names the tensor.
+        :class:`CheckpointError` that names the tensor. Floating-point tensors only,
+        unless ``quantized`` (fp8 weights, uint8 blocks and scales: epmoe.hf.quant_load).
         """
         got = self.shape(name)
         if shape is not None and got != tuple(shape):
             raise CheckpointError(f"tensor {name!r} in {self.path} has shape {got}, "
                                   f"expected {tuple(shape)}")
         dtype = self.dtype(name)
-        if dtype not in FLOAT_DTYPES:
+        if dtype not in FLOAT_DTYPES and not quantized:
             raise CheckpointError(f"tensor {name!r} in {self.path} is {dtype}: epmoe loads "
                                   f"{'/'.join(sorted(FLOAT_DTYPES))} tensors only (a quantised "
                                   "checkpoint?)")

@@ -39,7 +39,7 @@ from ..moe import ExpertParallelMoE
 from ..parallel_state import ParallelState
 from .checkpoint import CheckpointError, CheckpointReader
 from .seam import SeamExperts
-from .seam_load import SeamCheckpoint
+from .seam_load import SeamCheckpoint, load_dense
 
 __all__ = ["LLAMA4_TYPES", "Llama4EPMoe", "build_llama4_model"]
 
@@ -82,7 +82,10 @@ class _TextPart:
     ``language_model.`` prefix dropped); reads are recorded by the reader itself."""
 
     def __init__(self, reader: CheckpointReader) -> None:
-        self.reader, self.path = reader, reader.path
+        self.reader, self.path, self.quant = reader, reader.path, reader.quant
+
+    def dtype(self, name: str) -> str:
+        return self.reader.dtype(TEXT_PREFIX + name)
 
     def keys(self) -> list[str]:
         return [k.removeprefix(TEXT_PREFIX) for k in self.reader.keys()
@@ -95,8 +98,8 @@ class _TextPart:
         return self.reader.shape(TEXT_PREFIX + name)
 
     def read(self, name: str, shape: tuple[int, ...] | None = None,
-             rows: tuple[int, int] | None = None) -> Tensor:
-        return self.reader.read(TEXT_PREFIX + name, shape, rows=rows)
+             rows: tuple[int, int] | None = None, quantized: bool = False) -> Tensor:
+        return self.reader.read(TEXT_PREFIX + name, shape, rows=rows, quantized=quantized)
 
 
 def _activation(text_config) -> tuple[str, GLU | None]:
@@ -148,21 +151,7 @@ def build_llama4_model(path, state: ParallelState, hf_config, dtype: torch.dtype
     loading._rebuild_meta_buffers(model, state.device)
     source = _TextPart(reader) if hf_config is not text_config else reader
     ckpt = SeamCheckpoint(model, source, dict.fromkeys(layers, _FusedTransposed()))
-    fp32 = loading._fp32_patterns(model, dtype)
-    tied = set(model._tied_weights_keys or {}) if text_config.tie_word_embeddings else set()
-    skip = tuple(f"{n}." for n in layers)
-    wanted = list(model.named_parameters(remove_duplicate=False))
-    wanted += [(n, b) for n, b in model.named_buffers() if b.is_meta]
-    for name, meta in wanted:  # (as build_seam_model reads them)
-        if name.startswith(skip):
-            continue
-        value = ckpt.read_dense(name, tuple(meta.shape))
-        if value is None:
-            if name in tied or not meta.is_meta:
-                continue
-            raise CheckpointError(f"{path}: no tensor for {name!r} in the checkpoint")
-        dt = torch.float32 if any(p.search(name) for p in fp32) else meta.dtype
-        loading._set_tensor(model, name, value.to(device=state.device, dtype=dt))
+    load_dense(model, ckpt, layers, path, dtype, state.device)
     for name, experts in layers.items():
         ckpt.load_experts(name, experts)
     if text_config.tie_word_embeddings:

@@ -22,10 +22,12 @@ from ..config import MoEConfig, parse_dtype
 from ..health import guarded
 from ..moe import ExpertParallelMoE
 from ..parallel_state import ParallelState
+from ..quant import quant_format_of
 from .checkpoint import CheckpointError, CheckpointReader
 from .families import FAMILIES, Family, family_of
 from .llama4 import LLAMA4_TYPES, build_llama4_model
 from .lockstep import Lockstep
+from .quant_load import keep_experts_quantized, load_fp8_expert, load_mxfp4_experts, read_weight
 from .seam_load import build_seam_model
 
 __all__ = ["EPMoEBlock", "from_pretrained", "moe_config_of"]
@@ -143,15 +145,15 @@ def _open(path: Path, dtype):
     # bit-identical to transformers); any other MoE model goes through transformers'
     # experts seam (epmoe.hf.seam), its own router routing.
     family = family_of(hf_config) if hf_config.model_type in FAMILIES else None
-    quant = getattr(hf_config, "quantization_config", None)
-    if quant:
-        method = quant.get("quant_method") if isinstance(quant, dict) else \
-            getattr(quant, "quant_method", quant)
-        raise CheckpointError(f"{path} is a quantised checkpoint (quant_method={method!r}); "
-                              "epmoe loads float32/bfloat16/float16 weights only")
+    try:
+        quant = quant_format_of(hf_config)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     hf_config.output_router_logits = False  # epmoe's blocks return no router logits
     dtype = parse_dtype(dtype) if dtype is not None else _config_dtype(hf_config)
-    return hf_config, family, dtype, CheckpointReader(path)
+    reader = CheckpointReader(path)
+    reader.quant = quant  # FP8 / MXFP4: dense weights dequantized, experts kept quantized
+    return hf_config, family, dtype, reader
 
 
 def _build_and_load(path: Path, state: ParallelState, hf_config, family: Family, dtype,
@@ -193,6 +195,8 @@ def _build_and_load(path: Path, state: ParallelState, hf_config, family: Family,
         if type(layer.mlp).__name__ == family.block_class:
             moe = ExpertParallelMoE(moe_cfg, state, seed=None, collect_stats=collect_stats,
                                     name=f"layer {i}")
+            if reader.quant is not None:
+                keep_experts_quantized(moe, reader.quant)
             layer.mlp = EPMoEBlock(moe, family.returns_router_scores)
             blocks[i] = moe
     if not blocks:
@@ -291,8 +295,8 @@ def _load_dense(model: nn.Module, reader: CheckpointReader, device: torch.device
     for name, meta in wanted:
         if name.startswith(skip) or (name in tied and name not in reader):
             continue
-        value = reader.read(name, tuple(meta.shape))
         dtype = torch.float32 if any(p.search(name) for p in fp32) else meta.dtype
+        value = read_weight(reader, name, tuple(meta.shape), reader.quant, dtype)
         _set_tensor(model, name, value.to(device=device, dtype=dtype))
 
 
@@ -332,9 +336,10 @@ def _load_moe_block(reader: CheckpointReader, family: Family, layer: int,
             moe.score_correction_bias.zero_()
     if c.shared_intermediate_size:
         s, Fs = f"{prefix}.{family.shared_prefix}", c.shared_intermediate_size
-        moe.shared_gate.copy_(reader.read(f"{s}.gate_proj.weight", (Fs, H)))
-        moe.shared_up.copy_(reader.read(f"{s}.up_proj.weight", (Fs, H)))
-        moe.shared_down.copy_(reader.read(f"{s}.down_proj.weight", (H, Fs)))
+        for t, name, shape in ((moe.shared_gate, "gate_proj", (Fs, H)),
+                               (moe.shared_up, "up_proj", (Fs, H)),
+                               (moe.shared_down, "down_proj", (H, Fs))):
+            t.copy_(read_weight(reader, f"{s}.{name}.weight", shape, reader.quant, t.dtype))
         if c.shared_expert_gate:
             moe.shared_expert_gate.copy_(reader.read(f"{prefix}.shared_expert_gate.weight", (1, H)))
 
@@ -349,15 +354,30 @@ def _load_moe_block(reader: CheckpointReader, family: Family, layer: int,
                 _check_shape(reader, f"{x}.{key}.weight", shape)
         for i, e in enumerate(local):
             x = f"{prefix}.experts.{e}"
+            if moe.quantized is not None:
+                load_fp8_expert(reader, moe, i, f"{x}.{g}.weight", f"{x}.{u}.weight",
+                                f"{x}.{d}.weight")
+                continue
             moe.w_gate[i].copy_(reader.read(f"{x}.{g}.weight", (Fi, H)))
             moe.w_up[i].copy_(reader.read(f"{x}.{u}.weight", (Fi, H)))
             moe.w_down[i].copy_(reader.read(f"{x}.{d}.weight", (H, Fi)))
         return
     fused = f"{prefix}.experts.gate_up_proj"
+    down = f"{prefix}.experts.down_proj"
+    if moe.quantized is not None and moe.quantized.fmt.method == "mxfp4":  # gpt-oss
+        load_mxfp4_experts(reader, moe, fused, down, _runs(local))
+        if c.expert_bias:
+            _check_shape(reader, f"{fused}_bias", (E, 2 * Fi))
+            _check_shape(reader, f"{down}_bias", (E, H))
+            for i, a, b in _runs(local):
+                gub = reader.read(f"{fused}_bias", (E, 2 * Fi), rows=(a, b))
+                moe.b_gate[i : i + b - a].copy_(gub[:, 0::2])
+                moe.b_up[i : i + b - a].copy_(gub[:, 1::2])
+                moe.b_down[i : i + b - a].copy_(reader.read(f"{down}_bias", (E, H), rows=(a, b)))
+        return
     if fused not in reader:
         raise CheckpointError(f"layer {layer}: no expert weights in the checkpoint (looked for "
                               f"{prefix}.experts.{local[0]}.{g}.weight and {fused})")
-    down = f"{prefix}.experts.down_proj"
     if family.fused_layout == "concat":
         _check_shape(reader, fused, (E, 2 * Fi, H))
         _check_shape(reader, down, (E, H, Fi))

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, CheckpointReader
+from .quant_load import keep_experts_quantized, load_fp8_expert, read_weight
 from .seam import SeamExperts
 
 __all__ = ["SeamCheckpoint"]
@@ -89,12 +90,13 @@ class SeamCheckpoint:
 
     _to_convert: dict
 
-    def read_dense(self, name: str, shape: tuple[int, ...]) -> Tensor | None:
+    def read_dense(self, name: str, shape: tuple[int, ...],
+                   dtype: torch.dtype) -> Tensor | None:
         """The dense tensor ``name`` of the model, read whole (or made by transformers'
         conversion from the tensors it is made of), ``None`` if the checkpoint lacks it."""
         key = self.dense.get(name)
         if key is not None:
-            return self.reader.read(key, shape)
+            return read_weight(self.reader, key, shape, self.reader.quant, dtype)
         if self._converted is None:
             self._converted = self._convert()
         value = self._converted.pop(name, None)
@@ -123,6 +125,13 @@ class SeamCheckpoint:
         c = moe.config
         E, H, Fi = c.num_experts, c.hidden_size, c.intermediate_size
         keys, local = self.expert_keys[name], moe.local_experts
+        quant = moe.quantized is not None
+        if quant and (moe.quantized.fmt.method != "fp8" or not keys["per_expert"]):
+            stored = "per expert" if keys["per_expert"] else "stacked"
+            raise CheckpointError(f"{self.reader.path}: {moe.quantized.fmt.method} experts of "
+                                  f"{name} stored {stored}: epmoe keeps quantized experts of the "
+                                  "seam families as fp8 tensors per expert (DeepSeek's layout) "
+                                  "only")
         if keys["per_expert"]:
             want = {"gate": (Fi, H), "up": (Fi, H), "down": (H, Fi)}
             # Every rank checks every expert's name and shape (file headers only), so a
@@ -135,6 +144,10 @@ class SeamCheckpoint:
                                               f"{e} of {name}")
                     _check_shape(self.reader, key, shape)
             for i, e in enumerate(local):
+                if quant:
+                    load_fp8_expert(self.reader, moe, i, *(keys["per_expert"][(e, r)]
+                                                           for r in ("gate", "up", "down")))
+                    continue
                 read = {r: self.reader.read(keys["per_expert"][(e, r)], s)
                         for r, s in want.items()}
                 moe.w_gate[i].copy_(read["gate"])
@@ -233,25 +246,12 @@ def build_seam_model(path, state, hf_config, dtype: torch.dtype, reader: Checkpo
         layer = seam_layer(module, text_config, state, dtype, options, name, collect_stats)
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name), leaf, layer)
+        if reader.quant is not None:
+            keep_experts_quantized(layer.moe, reader.quant)
         layers[name] = layer
     loading._rebuild_meta_buffers(model, state.device)
     ckpt = SeamCheckpoint(model, reader, dict(found))
-    fp32 = loading._fp32_patterns(model, dtype)
-    tied = set(getattr(model, "_tied_weights_keys", None) or {}) \
-        if getattr(model.config, "tie_word_embeddings", False) else set()
-    skip = tuple(f"{n}." for n in layers)
-    wanted = list(model.named_parameters(remove_duplicate=False))
-    wanted += [(n, b) for n, b in model.named_buffers() if b.is_meta]
-    for name, meta in wanted:
-        if name.startswith(skip):
-            continue
-        value = ckpt.read_dense(name, tuple(meta.shape))
-        if value is None:
-            if name in tied or not meta.is_meta:
-                continue
-            raise CheckpointError(f"{path}: no tensor for {name!r} in the checkpoint")
-        dt = torch.float32 if any(p.search(name) for p in fp32) else meta.dtype
-        loading._set_tensor(model, name, value.to(device=state.device, dtype=dt))
+    load_dense(model, ckpt, layers, path, dtype, state.device)
     for name, layer in layers.items():
         ckpt.load_experts(name, layer)
     if getattr(hf_config, "tie_word_embeddings", False):
@@ -259,3 +259,28 @@ def build_seam_model(path, state, hf_config, dtype: torch.dtype, reader: Checkpo
     loading._check_nothing_on_meta(model, path)
     reader.close()
     return model, layers
+
+
+def load_dense(model: nn.Module, ckpt: SeamCheckpoint, layers: dict, path, dtype: torch.dtype,
+               device: torch.device) -> None:
+    """Every parameter and persistent buffer of ``model`` outside the EP ``layers``, read
+    whole (dequantized from FP8 where the checkpoint stores it so), in the model's dtype
+    or in fp32 where transformers keeps it (``_keep_in_fp32_modules``)."""
+    from . import loading
+
+    fp32 = loading._fp32_patterns(model, dtype)
+    tied = set(getattr(model, "_tied_weights_keys", None) or {}) \
+        if getattr(model.config.get_text_config(), "tie_word_embeddings", False) else set()
+    skip = tuple(f"{n}." for n in layers)
+    wanted = list(model.named_parameters(remove_duplicate=False))
+    wanted += [(n, b) for n, b in model.named_buffers() if b.is_meta]
+    for name, meta in wanted:
+        if name.startswith(skip):
+            continue
+        dt = torch.float32 if any(p.search(name) for p in fp32) else meta.dtype
+        value = ckpt.read_dense(name, tuple(meta.shape), dt)
+        if value is None:
+            if name in tied or not meta.is_meta:
+                continue
+            raise CheckpointError(f"{path}: no tensor for {name!r} in the checkpoint")
+        loading._set_tensor(model, name, value.to(device=device, dtype=dt))
