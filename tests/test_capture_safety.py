@@ -38,13 +38,21 @@ def _forbid(name: str):
     return refuse
 
 
-def _getitem_checked(real):
-    def getitem(self, index):
-        parts = index if isinstance(index, tuple) else (index,)
-        if any(isinstance(p, torch.Tensor) and p.dtype == torch.bool and p.dim() for p in parts):
-            raise HostRead("boolean indexing on the captured path (its size is read on the host)")
-        return real(self, index)
-    return getitem
+class _NoBooleanIndexing(torch.overrides.TorchFunctionMode):
+    """Boolean-mask indexing raises (its result's size is read on the host). A mode, not a
+    patched ``Tensor.__getitem__``: setting that on the class gives torch.Tensor a sequence
+    slot that stays after the patch is undone (torch.tensor then takes a 0-d tensor for a
+    sequence)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.__getitem__:
+            index = args[1]
+            parts = index if isinstance(index, tuple) else (index,)
+            if any(isinstance(p, torch.Tensor) and p.dtype == torch.bool and p.dim()
+                   for p in parts):
+                raise HostRead("boolean indexing on the captured path (its size is read on "
+                               "the host)")
+        return func(*args, **(kwargs or {}))
 
 
 TENSOR_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero",
@@ -64,12 +72,19 @@ def captured(monkeypatch: pytest.MonkeyPatch, ops: tuple[str, ...] = SYNCING_OPS
                 m.setattr(mod, "capturing", lambda: True)
         for name in TENSOR_METHODS:
             m.setattr(torch.Tensor, name, _forbid(f"Tensor.{name}"))
-        m.setattr(torch.Tensor, "__getitem__", _getitem_checked(torch.Tensor.__getitem__))
         for name in TORCH_FUNCTIONS + ops:
             m.setattr(torch, name, _forbid(f"torch.{name}"))
         for name in ops:
             m.setattr(torch.Tensor, name, _forbid(f"Tensor.{name}"))
-        yield
+        inherited = [n for n in (*TENSOR_METHODS, *ops) if n not in vars(torch.Tensor)]
+        try:
+            with _NoBooleanIndexing():
+                yield
+        finally:
+            m.undo()  # (puts inherited methods back as torch.Tensor's own attributes:
+            for name in inherited:  # let them be inherited again)
+                if name in vars(torch.Tensor):
+                    delattr(torch.Tensor, name)
 
 
 def _layer(state) -> epmoe.ExpertParallelMoE:

@@ -220,3 +220,19 @@ def test_weigh_input_fixed_shapes_path_equals_the_counted_one():
         counted, _ = local_experts_forward(x, ids, w, experts, glu, "grouped_mm",
                                            weigh_input=True)
     torch.testing.assert_close(fixed, counted, rtol=0, atol=1e-6)
+
+
+def test_quantized_llama4_is_refused_by_name(checkpoints, tmp_path):
+    import json
+    import shutil
+
+    from epmoe.hf import CheckpointError, from_pretrained
+
+    src = dict(checkpoints)["top2"]
+    shutil.copytree(src, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [16, 16]}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"Llama 4 with quantized weights \(fp8\) is not "
+                                              r"supported"):
+        from_pretrained(tmp_path / "m", epmoe.single_process_state("cpu"))

@@ -127,6 +127,11 @@ def build_llama4_model(path, state: ParallelState, hf_config, dtype: torch.dtype
 
     from . import loading
 
+    if reader.quant is not None:  # (its experts take the weight on their input rows,
+        # which epmoe's quantized experts do not run)
+        raise CheckpointError(f"{path}: Llama 4 with quantized weights "
+                              f"({reader.quant.method}) is not supported by epmoe; load its "
+                              "bf16 checkpoint")
     text_config = getattr(hf_config, "text_config", hf_config)  # ("llama4": its text part)
     with torch.device("meta"):  # no weight is allocated here
         model = Llama4ForCausalLM._from_config(text_config, dtype=dtype)
