@@ -141,6 +141,9 @@ def _scale_grid(shape: tuple[int, int], block: tuple[int, int]) -> tuple[int, in
     return math.ceil(shape[0] / block[0]), math.ceil(shape[1] / block[1])
 
 
+CHUNK = 1 << 18  # values dequantized at a time (dequant_fp8_blocks, dequant_mxfp4)
+
+
 def dequant_fp8_blocks(w_RC: Tensor, scale_inv: Tensor, block: tuple[int, int],
                        dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
     """``w * scale_inv`` per ``block``, in fp32, rounded once to ``dtype`` -> ``[R, C]``.
@@ -165,16 +168,19 @@ def dequant_fp8_blocks(w_RC: Tensor, scale_inv: Tensor, block: tuple[int, int],
     # int32 index: take() and indexing need int64, 2.5x slower). The in-place products
     # below multiply in fp32 (the promoted dtype) and round once into w: transformers'
     # bits, without an fp32 [R, C] temporary.
-    codes = w_RC.reshape(-1).view(torch.uint8).int()
     table = _table(_fp8_values, dtype, w_RC.device)
-    if out is None:
-        w = table.index_select(0, codes).view(R, C)
-    else:
-        w = out
-        torch.index_select(table, 0, codes, out=out.view(-1))
-    w[:, : full * b1].unflatten(1, (full, b1)).mul_(s_RC1[:, :full, None])
-    if rem:
-        w[:, full * b1 :].mul_(s_RC1[:, full:])
+    w = w_RC.new_empty((R, C), dtype=dtype) if out is None else out
+    # In bands of whole block rows of about CHUNK values, so that the int32 codes and the
+    # products stay in the cache: memory then sees one byte read and one value written per
+    # weight (the whole matrix at once: 23.2 ms against 4.7, 4096x1024 to bf16, one thread).
+    step = max(1, CHUNK // (C * b0)) * b0
+    for r in range(0, R, step):
+        band = w[r : r + step]
+        codes = w_RC[r : r + step].reshape(-1).view(torch.uint8).int()
+        torch.index_select(table, 0, codes, out=band.view(-1))
+        band[:, : full * b1].unflatten(1, (full, b1)).mul_(s_RC1[r : r + step, :full, None])
+        if rem:
+            band[:, full * b1 :].mul_(s_RC1[r : r + step, full:])
     return w
 
 
@@ -222,9 +228,20 @@ def dequant_mxfp4(blocks: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
     # overflow and underflow, which round as ldexp's product does (tested: same bits).
     # Under 4.4 ms against 21 ms for transformers' nibble by nibble (2048x1024, one thread).
     pairs = _table(_e2m1_pairs, dtype, blocks.device)
-    vals = pairs.index_select(0, blocks.reshape(-1).int()).view(blocks.shape).view(dtype)
-    scale = torch.exp2(scales.to(torch.float32).sub_(127.0)).unsqueeze(-1)  # [..., G, 1]
-    return vals.mul_(scale).flatten(-2)
+    lead, G = blocks.shape[:-2], blocks.shape[-2]
+    rows_b = blocks.reshape(-1, G, MXFP4_GROUP // 2)  # [rows, G, 16]
+    rows_s = scales.reshape(-1, G)
+    out = torch.empty((rows_b.shape[0], G, MXFP4_GROUP), dtype=dtype, device=blocks.device)
+    # In bands of about CHUNK values, so that the codes and products stay in the cache
+    # (as dequant_fp8_blocks).
+    step = max(1, CHUNK // (G * MXFP4_GROUP))
+    for r in range(0, rows_b.shape[0], step):
+        b_, s_ = rows_b[r : r + step], rows_s[r : r + step]
+        band = out[r : r + step]
+        torch.index_select(pairs, 0, b_.reshape(-1).int(),
+                           out=band.view(-1).view(pairs.dtype))
+        band.mul_(torch.exp2(s_.to(torch.float32).sub_(127.0)).unsqueeze(-1))  # [., G, 1]
+    return out.view(*lead, G * MXFP4_GROUP)
 
 
 @functools.cache
