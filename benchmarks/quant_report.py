@@ -75,11 +75,14 @@ def report() -> str:
         "",
         "- Memory: the experts take half their bf16 bytes in FP8 (plus one fp32 scale per "
         "128 x 128 block) and about a quarter in MXFP4 (plus one byte per 32 weights).",
-        "- Time: dequantizing is the price. With few rows per expert (decode) the expert "
-        "compute is several times bf16's, since every expert that receives a row is "
-        "dequantized whole; with thousands of rows (prefill) the products dominate and "
-        "the cost is a tenth or so. A fused dequantize-and-multiply kernel would remove "
-        "most of it; torch has none for these formats on the CPU.",
+        "- Time: dequantizing is the price, paid per expert that receives a row, per "
+        "forward. With few rows per expert (a decode step) it dominates: the ratios at "
+        "M = 8 and at 16 tokens per rank above. With thousands of rows per expert the "
+        "products dominate and the ratio nears 1 (M = 2048). A fused "
+        "dequantize-and-multiply kernel would remove most of it; torch has none for these "
+        "formats on the CPU.",
+        "- Loading takes about as long: the FP8 files are half the bytes to read, and the "
+        "replicated weights are dequantized on the way in.",
         "",
         "## Commands",
         "",

@@ -69,13 +69,14 @@ def quantized_experts_forward(
         impl = "loop" if sum(counts) >= LOOP_MIN_ROWS * len(counts) else "grouped_mm"
     if impl == "grouped_mm" and not invariant:
         used = [i for i, n in enumerate(counts) if n]
-        pairs = [experts.expert(i, x_NH.dtype) for i in used]
-        stack = ExpertWeights(
-            torch.stack([p[0] for p in pairs]) if pairs else x_NH.new_empty((0, 0, H)),
-            torch.stack([p[1] for p in pairs]) if pairs else x_NH.new_empty((0, H, 0)),
-            None if biases is None else biases[0][used], None if biases is None else
-            biases[1][used])
-        if pairs and grouped_mm_ok(stack):
+        Fi = experts.inter
+        w_gu = x_NH.new_empty((len(used), 2 * Fi, H))  # dequantized straight into the stack
+        w_d = x_NH.new_empty((len(used), H, Fi))
+        for j, i in enumerate(used):
+            experts.expert(i, x_NH.dtype, out=(w_gu[j], w_d[j]))
+        stack = ExpertWeights(w_gu, w_d, None if biases is None else biases[0][used],
+                              None if biases is None else biases[1][used])
+        if used and grouped_mm_ok(stack):
             y_MH = run_experts(x_MH, [counts[i] for i in used], stack, glu, "grouped_mm")
             y_MH = weigh(y_MH, weights_NK.reshape(-1).index_select(0, pair_M), weigh_in_fp32,
                          accumulate)

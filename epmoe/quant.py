@@ -209,13 +209,15 @@ def quantize_fp8_blocks(w_RC: Tensor, block: tuple[int, int]) -> tuple[Tensor, T
 # --------------------------------------------------------------------------- mxfp4
 
 
-def dequant_mxfp4(blocks: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
+def dequant_mxfp4(blocks: Tensor, scales: Tensor, dtype: torch.dtype,
+                  out: Tensor | None = None) -> Tensor:
     """MXFP4 -> ``[..., G*32]`` in ``dtype``: value ``2j`` of a group is the low nibble
     of byte ``j``, ``2j+1`` the high one, each an e2m1 value times ``2 ** (scale - 127)``.
 
     ``blocks`` uint8 ``[..., G, 16]``, ``scales`` uint8 ``[..., G]`` (e8m0). The same
     bits as transformers' ``convert_moe_packed_tensors`` (table in ``dtype``, then
-    ``ldexp``), before its final transpose.
+    ``ldexp``), before its final transpose. ``out``: a contiguous ``[..., G*32]``
+    tensor of ``dtype`` to write into.
     """
     if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
         raise ValueError(f"mxfp4 blocks and scales must be uint8, got {blocks.dtype} and "
@@ -231,7 +233,9 @@ def dequant_mxfp4(blocks: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
     lead, G = blocks.shape[:-2], blocks.shape[-2]
     rows_b = blocks.reshape(-1, G, MXFP4_GROUP // 2)  # [rows, G, 16]
     rows_s = scales.reshape(-1, G)
-    out = torch.empty((rows_b.shape[0], G, MXFP4_GROUP), dtype=dtype, device=blocks.device)
+    res = torch.empty((*lead, G * MXFP4_GROUP), dtype=dtype, device=blocks.device) \
+        if out is None else out
+    out = res.view(rows_b.shape[0], G, MXFP4_GROUP)
     # In bands of about CHUNK values, so that the codes and products stay in the cache
     # (as dequant_fp8_blocks).
     step = max(1, CHUNK // (G * MXFP4_GROUP))
@@ -241,7 +245,7 @@ def dequant_mxfp4(blocks: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
         torch.index_select(pairs, 0, b_.reshape(-1).int(),
                            out=band.view(-1).view(pairs.dtype))
         band.mul_(torch.exp2(s_.to(torch.float32).sub_(127.0)).unsqueeze(-1))  # [., G, 1]
-    return out.view(*lead, G * MXFP4_GROUP)
+    return res
 
 
 @functools.cache
@@ -373,17 +377,26 @@ class QuantizedExperts(nn.Module):
         self.down_blocks[i].copy_(db)
         self.down_scales[i].copy_(ds)
 
-    def expert(self, i: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    def expert(self, i: int, dtype: torch.dtype,
+               out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """Local expert ``i`` dequantized to ``dtype``: ``(w_gate_up [2F, H]`` (gate rows,
-        then up rows), ``w_down [H, F])``. Costs two new tensors of that size."""
+        then up rows), ``w_down [H, F])``. Costs two new tensors of that size, or writes
+        into ``out`` (two contiguous tensors of those shapes and ``dtype``)."""
+        Fi, H = self.inter, self.hidden
+        w_gu, w_d = out if out is not None else (
+            torch.empty((2 * Fi, H), dtype=dtype, device=self.down_scales.device
+                        if self.fmt.method == "mxfp4" else self.down_q.device),
+            torch.empty((H, Fi), dtype=dtype, device=self.down_scales.device
+                        if self.fmt.method == "mxfp4" else self.down_q.device))
         if self.fmt.method == "fp8":
-            Fi, b = self.inter, self.fmt.block
-            w_gu = self.gate_q.new_empty((2 * Fi, self.hidden), dtype=dtype)
+            b = self.fmt.block
             dequant_fp8_blocks(self.gate_q[i], self.gate_scale_inv[i], b, dtype, out=w_gu[:Fi])
             dequant_fp8_blocks(self.up_q[i], self.up_scale_inv[i], b, dtype, out=w_gu[Fi:])
-            return w_gu, dequant_fp8_blocks(self.down_q[i], self.down_scale_inv[i], b, dtype)
-        return (dequant_mxfp4(self.gate_up_blocks[i], self.gate_up_scales[i], dtype),
-                dequant_mxfp4(self.down_blocks[i], self.down_scales[i], dtype))
+            dequant_fp8_blocks(self.down_q[i], self.down_scale_inv[i], b, dtype, out=w_d)
+            return w_gu, w_d
+        dequant_mxfp4(self.gate_up_blocks[i], self.gate_up_scales[i], dtype, out=w_gu)
+        dequant_mxfp4(self.down_blocks[i], self.down_scales[i], dtype, out=w_d)
+        return w_gu, w_d
 
     def dequantized_stack(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Every local expert dequantized: ``(w_gate_up [e, 2F, H], w_down [e, H, F])``."""
