@@ -45,7 +45,7 @@ class SeamCheckpoint:
         renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
         converters = [t for t in transforms if isinstance(t, WeightConverter)]
         roles = _expert_roles(converters)
-        meta = dict.fromkeys(model.state_dict(keep_vars=True))
+        meta = model.state_dict(keep_vars=True)  # (transformers reads its values: not None)
         prefix = getattr(model, "base_model_prefix", None)
         self.dense: dict[str, str] = {}  # model name -> checkpoint name
         self._to_convert = {}  # (converter, model name) -> (converter, [(key, its pattern)])
