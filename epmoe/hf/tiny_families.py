@@ -102,6 +102,45 @@ TINY_SEAM_FAMILIES: dict[str, tuple[str, dict, str | None]] = {
 }
 
 
+# More families, from transformers' default config of the type made small by _shrink:
+# their MoE needs nothing beyond the fields _shrink sets (experts, top-k, sizes).
+SHRUNK_DEFAULTS = ("afmoe", "beam", "cohere2_moe", "granitemoe", "granitemoeshared",
+                   "granitemoe_swa", "hy_v3", "kolibri1", "lara_mini", "mellum",
+                   "mimo_v2_flash", "minimax", "solar_open")
+TINY_SEAM_FAMILIES.update({t: ("auto", {}, None) for t in SHRUNK_DEFAULTS})
+
+
+def _shrink(config):
+    """``config`` (a default one) made tiny: 2 layers of hidden 64, 8 experts of F=32, top-2,
+    the first layer dense where the family has dense layers first."""
+    for k, v in {**TEXT, "head_dim": 16}.items():
+        if hasattr(config, k) or k == "head_dim":
+            setattr(config, k, v)
+    for k, v in dict(intermediate_size=96, moe_intermediate_size=32,
+                     shared_expert_intermediate_size=48, expert_intermediate_size=32).items():
+        if isinstance(getattr(config, k, None), int):
+            setattr(config, k, v)
+    for names, v in ((("num_experts", "num_local_experts", "n_routed_experts"), 8),
+                     (("num_experts_per_tok", "moe_topk", "top_k"), 2), (("n_group",), 2),
+                     (("topk_group",), 1)):
+        for k in names:
+            if isinstance(getattr(config, k, None), int) and \
+                    not isinstance(getattr(config, k), bool):
+                setattr(config, k, v)
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, list) and layer_types:
+        config.layer_types = (list(dict.fromkeys(layer_types))[:2] * 2)[:2]
+    mlp_types = getattr(config, "mlp_layer_types", None)
+    if isinstance(mlp_types, list) and mlp_types:  # (set past the config's own setter,
+        config.__dict__["mlp_layer_types"] = (  # which checks it against the old depth)
+            ["dense", "sparse"] if "dense" in mlp_types else mlp_types[-1:] * 2)
+    for k in ("first_k_dense_replace", "num_dense_layers"):
+        if isinstance(getattr(config, k, None), int):
+            setattr(config, k, min(getattr(config, k), 1))
+    config.num_hidden_layers = 2
+    return config
+
+
 def tiny_seam_config(family: str, **overrides):
     """A small transformers config of ``family`` (see ``TINY_SEAM_FAMILIES``)."""
     import transformers
@@ -109,6 +148,11 @@ def tiny_seam_config(family: str, **overrides):
     if family not in TINY_SEAM_FAMILIES:
         raise ValueError(f"family must be one of {sorted(TINY_SEAM_FAMILIES)}, got {family!r}")
     cls_name, fields, sub = TINY_SEAM_FAMILIES[family]
+    if cls_name == "auto":
+        config = _shrink(transformers.AutoConfig.for_model(family))
+        for k, v in overrides.items():
+            setattr(config, k, v)
+        return config
     cls = getattr(transformers, cls_name)
     if sub is None:
         return cls(**{**TEXT, **fields, **overrides})
