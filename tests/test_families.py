@@ -16,8 +16,8 @@ import torch
 
 pytest.importorskip("transformers")
 
+from hf_runs import expert_reads, logits_and_tokens, rank_inputs  # noqa: E402
 from multiproc import run_ranks  # noqa: E402
-from test_hf_models import rank_inputs  # noqa: E402
 
 import epmoe  # noqa: E402
 from epmoe.hf import CheckpointError, from_pretrained  # noqa: E402
@@ -52,15 +52,9 @@ def _worker(dirs: dict[str, str]) -> dict:
     out = {}
     for name, path in dirs.items():
         model = from_pretrained(path, state, dtype="float32")
-        ids, new = rank_inputs(state.rank)
-        with model.epmoe.session(), torch.no_grad():
-            logits = model(input_ids=ids).logits
-        tokens = model.generate(input_ids=ids, max_new_tokens=new, do_sample=False)
+        logits, tokens = logits_and_tokens(model, state.rank)
         seam = [m for m in model.modules() if isinstance(m, SeamExperts)]
-        out[name] = dict(logits=logits, tokens=tokens,
-                         # expert reads: one tensor per expert, or rows of a stacked one
-                         reads=[(k, rows) for k, rows in model.epmoe.reads
-                                if rows is not None or re.search(r"\.experts\.\d+\.", k)],
+        out[name] = dict(logits=logits, tokens=tokens, reads=expert_reads(model),
                          local=[m.moe.local_experts for m in seam], seam_layers=len(seam),
                          forwards=[m.moe.forwards for m in seam],
                          dummy_steps=model.epmoe.dummy_steps)
@@ -78,10 +72,7 @@ def reference(path: str, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
 
     config = AutoConfig.from_pretrained(path)
     model = model_class(config).from_pretrained(path, dtype=torch.float32).eval()
-    ids, new = rank_inputs(rank)
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits
-    return logits, model.generate(input_ids=ids, max_new_tokens=new, do_sample=False)
+    return logits_and_tokens(model, rank)
 
 
 @pytest.mark.parametrize("world", WORLDS)

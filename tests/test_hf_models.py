@@ -14,6 +14,7 @@ import re
 
 import pytest
 import torch
+from hf_runs import expert_reads, logits_and_tokens, rank_inputs
 from multiproc import run_ranks
 
 transformers = pytest.importorskip("transformers")
@@ -25,13 +26,6 @@ from epmoe.hf import CheckpointError, from_pretrained  # noqa: E402
 from epmoe.hf.tiny import TINY_FAMILIES, save_tiny_checkpoint  # noqa: E402
 
 WORLDS = [1, 2, 3]
-
-
-def rank_inputs(rank: int) -> tuple[torch.Tensor, int]:
-    """Rank r's prompt batch and new-token count: all different, so ranks stop apart."""
-    batch, length = (1, 5) if rank % 2 == 0 else (2, 9)
-    ids = (torch.arange(batch * length).view(batch, length) * (7 + 2 * rank) + rank) % 256
-    return ids, [6, 2, 9][rank % 3]
 
 
 @pytest.fixture(scope="session")
@@ -68,13 +62,9 @@ def _worker(dirs: dict[str, str]) -> dict:
     out = {}
     for name, path in dirs.items():
         model = from_pretrained(path, state, dtype="float32")
-        ids, new = rank_inputs(state.rank)
-        with model.epmoe.session(), torch.no_grad():
-            logits = model(ids).logits
-        tokens = model.generate(ids, max_new_tokens=new, do_sample=False)
-        expert_reads = [(k, rows) for k, rows in model.epmoe.reads if ".experts." in k]
-        local = model.epmoe.layers[0].local_experts
-        out[name] = dict(logits=logits, tokens=tokens, reads=expert_reads, local=local,
+        logits, tokens = logits_and_tokens(model, state.rank)
+        out[name] = dict(logits=logits, tokens=tokens, reads=expert_reads(model),
+                         local=model.epmoe.layers[0].local_experts,
                          dummy_steps=model.epmoe.dummy_steps)
     return out
 
@@ -87,10 +77,7 @@ def results(world: int, dirs: tuple[tuple[str, str], ...]) -> list[dict]:
 @functools.cache
 def reference(path: str, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    ids, new = rank_inputs(rank)
-    with torch.no_grad():
-        logits = model(ids).logits
-    return logits, model.generate(ids, max_new_tokens=new, do_sample=False)
+    return logits_and_tokens(model, rank)
 
 
 NAMES = [*TINY_FAMILIES, "mixtral_sharded", "qwen3_stacked", "qwen2_sparse_step",

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
+from hf_runs import logits_and_tokens  # noqa: E402
 from multiproc import run_ranks  # noqa: E402
-from test_hf_models import rank_inputs  # noqa: E402
 
 import epmoe  # noqa: E402
 from epmoe import ExpertParallelMoE, MoEConfig  # noqa: E402
@@ -75,10 +75,7 @@ def _worker(dirs: dict[str, str]) -> dict:
     for name, path in dirs.items():
         options = CHECKPOINTS.get(name, (None, {}))[1]
         model = from_pretrained(path, state, dtype="float32", moe_options=options)
-        ids, new = rank_inputs(state.rank)
-        with model.epmoe.session(), torch.no_grad():
-            logits = model(input_ids=ids).logits
-        tokens = model.generate(input_ids=ids, max_new_tokens=new, do_sample=False)
+        logits, tokens = logits_and_tokens(model, state.rank)
         blocks = [m for m in model.modules() if isinstance(m, Llama4EPMoe)]
         out[name] = dict(logits=logits, tokens=tokens, dummy_steps=model.epmoe.dummy_steps,
                          reads=[(k, rows) for k, rows in model.epmoe.reads if rows is not None],
@@ -100,10 +97,7 @@ def reference(path: str, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     model = cls.from_pretrained(path, dtype=torch.float32).eval()
     # (the multimodal class's own forward fails on text alone in transformers 5.24)
     model = getattr(model, "language_model", model)
-    ids, new = rank_inputs(rank)
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits
-    return logits, model.generate(input_ids=ids, max_new_tokens=new, do_sample=False)
+    return logits_and_tokens(model, rank)
 
 
 @pytest.mark.parametrize("world", WORLDS)

@@ -20,9 +20,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from hf_runs import expert_reads, logits_and_tokens, rank_inputs  # noqa: E402
 from multiproc import run_ranks  # noqa: E402
 from quant_checkpoints import save_fp8_checkpoint, save_mxfp4_checkpoint  # noqa: E402
-from test_hf_models import rank_inputs  # noqa: E402
 
 import epmoe  # noqa: E402
 from epmoe.hf import from_pretrained  # noqa: E402
@@ -71,10 +71,7 @@ def _worker(dirs: dict[str, str]) -> dict:
     out = {}
     for name, path in dirs.items():
         model = from_pretrained(path, state, dtype="float32")
-        ids, new = rank_inputs(state.rank)
-        with model.epmoe.session(), torch.no_grad():
-            logits = model(input_ids=ids).logits
-        tokens = model.generate(input_ids=ids, max_new_tokens=new, do_sample=False)
+        logits, tokens = logits_and_tokens(model, state.rank)
         layers = model.epmoe.layers
         out[name] = dict(
             logits=logits, tokens=tokens, local=[m.local_experts for m in layers],
@@ -82,8 +79,7 @@ def _worker(dirs: dict[str, str]) -> dict:
             expert_bytes=[m.quantized.nbytes() for m in layers],
             bf16_bytes=[len(m.local_experts) * 3 * m.config.hidden_size
                         * m.config.intermediate_size * 2 for m in layers],
-            reads=[(k, rows) for k, rows in model.epmoe.reads
-                   if rows is not None or re.search(r"\.experts\.\d+\.", k)])
+            reads=expert_reads(model))
     return out
 
 
@@ -96,10 +92,7 @@ def results(world: int, dirs: tuple[tuple[str, str], ...]) -> list[dict]:
 def reference(path: str, rank: int, dtype: torch.dtype = torch.float32):
     warnings.filterwarnings("ignore")  # ("FP8 needs a GPU: dequantizing")
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-    ids, new = rank_inputs(rank)
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits
-    return logits, model.generate(input_ids=ids, max_new_tokens=new, do_sample=False)
+    return logits_and_tokens(model, rank)
 
 
 @pytest.mark.parametrize("world", WORLDS)
