@@ -38,6 +38,7 @@ from ..experts import GLU
 from ..moe import ExpertParallelMoE
 from ..parallel_state import ParallelState
 from .checkpoint import CheckpointError, CheckpointReader
+from .fill import check_nothing_on_meta, rebuild_meta_buffers
 from .seam import SeamExperts
 from .seam_load import SeamCheckpoint, load_dense
 
@@ -68,13 +69,6 @@ class Llama4EPMoe(nn.Module):
         out_TH = self.shared_expert(x_TH)
         out_TH.add_(self.experts(x_TH, ids_TK, weights_TK))  # (transformers' order)
         return out_TH, logits_TE
-
-
-class _FusedTransposed:
-    """What :meth:`SeamCheckpoint.load_experts` reads from an experts module: Llama 4's
-    stacks are ``[E, H, 2F]`` and ``[E, F, H]``, the seam's ``is_transposed`` layout."""
-
-    is_transposed = True
 
 
 class _TextPart:
@@ -125,8 +119,6 @@ def build_llama4_model(path, state: ParallelState, hf_config, dtype: torch.dtype
     the contract of :func:`~epmoe.hf.seam_load.build_seam_model`."""
     from transformers import Llama4ForCausalLM
 
-    from . import loading
-
     if reader.quant is not None:  # (its experts take the weight on their input rows,
         # which epmoe's quantized experts do not run)
         raise CheckpointError(f"{path}: Llama 4 with quantized weights "
@@ -153,14 +145,15 @@ def build_llama4_model(path, state: ParallelState, hf_config, dtype: torch.dtype
     if not layers:
         raise CheckpointError(f"{path}: no MoE layer in this Llama 4 model (moe_layers="
                               f"{text_config.moe_layers})")
-    loading._rebuild_meta_buffers(model, state.device)
+    rebuild_meta_buffers(model, state.device)
     source = _TextPart(reader) if hf_config is not text_config else reader
-    ckpt = SeamCheckpoint(model, source, dict.fromkeys(layers, _FusedTransposed()))
+    # Llama 4's stacks are [E, H, 2F] and [E, F, H]: the seam's transposed layout
+    ckpt = SeamCheckpoint(model, source, dict.fromkeys(layers, True))
     load_dense(model, ckpt, layers, path, dtype, state.device)
     for name, experts in layers.items():
         ckpt.load_experts(name, experts)
     if text_config.tie_word_embeddings:
         model.tie_weights()
-    loading._check_nothing_on_meta(model, path)
+    check_nothing_on_meta(model, path)
     reader.close()
     return model, layers

@@ -25,6 +25,14 @@ from ..parallel_state import ParallelState
 from ..quant import quant_format_of
 from .checkpoint import CheckpointError, CheckpointReader
 from .families import FAMILIES, Family, family_of
+from .fill import (
+    check_nothing_on_meta,
+    check_shape,
+    fp32_patterns,
+    rebuild_meta_buffers,
+    runs,
+    set_tensor,
+)
 from .llama4 import LLAMA4_TYPES, build_llama4_model
 from .lockstep import Lockstep
 from .quant_load import keep_experts_quantized, load_fp8_expert, load_mxfp4_experts, read_weight
@@ -202,14 +210,14 @@ def _build_and_load(path: Path, state: ParallelState, hf_config, family: Family,
     if not blocks:
         raise CheckpointError(f"{path}: no {family.block_class} block found in the model")
 
-    _rebuild_meta_buffers(model, state.device)
-    _load_dense(model, reader, state.device, _fp32_patterns(model, dtype))
+    rebuild_meta_buffers(model, state.device)
+    _load_dense(model, reader, state.device, fp32_patterns(model, dtype))
     native_bias = bool(family.moe_fields(hf_config).get("score_correction_bias"))
     for i, moe in blocks.items():
         _load_moe_block(reader, family, i, moe, native_bias)
     if getattr(hf_config, "tie_word_embeddings", False):
         model.tie_weights()
-    _check_nothing_on_meta(model, path)
+    check_nothing_on_meta(model, path)
     reader.close()
     return model, blocks
 
@@ -244,46 +252,6 @@ def _no_router_logits(_module, _args, kwargs):
                          "logits (nor transformers' auxiliary loss from them)")
 
 
-def _set_tensor(model: nn.Module, name: str, value: Tensor) -> None:
-    owner_name, _, leaf = name.rpartition(".")
-    owner = model.get_submodule(owner_name) if owner_name else model
-    old = owner._parameters.get(leaf)
-    if old is not None:
-        owner._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad)
-    else:
-        owner._buffers[leaf] = value
-
-
-def _rebuild_meta_buffers(model: nn.Module, device: torch.device) -> None:
-    """Modules whose buffers are computed at init (rotary embeddings) are rebuilt from their
-    config on the real device: their buffers are not in the checkpoint."""
-    for name, module in list(model.named_modules()):
-        computed = [b for n, b in module.named_buffers(recurse=False)
-                    if b.is_meta and n in module._non_persistent_buffers_set]
-        if not computed:
-            continue  # persistent buffers: loaded from the checkpoint with the weights
-        config = getattr(module, "config", None)
-        if config is not None and not any(p.is_meta for p in module.parameters(recurse=False)):
-            parent_name, _, leaf = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, leaf, type(module)(config).to(device))
-        else:  # (Gemma's scaled embedding): transformers' own init computes them; the
-            # module's weights get allocated and initialised too, then loaded over
-            module.to_empty(device=device, recurse=False)
-            model._init_weights(module)
-
-
-def _fp32_patterns(model: nn.Module, dtype: torch.dtype) -> list[re.Pattern]:
-    """The weights transformers keeps in fp32 at this dtype (``_keep_in_fp32_modules``,
-    for float16, and ``_keep_in_fp32_modules_strict``, for float16 and bfloat16), as
-    transformers matches them: a search of the glob in the weight's name."""
-    names = list(getattr(model, "_keep_in_fp32_modules", None) or []) \
-        if dtype == torch.float16 else []
-    if dtype in (torch.float16, torch.bfloat16):
-        names += list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
-    return [re.compile(re.escape(n).replace(r"\*", ".*")) for n in names]
-
-
 def _load_dense(model: nn.Module, reader: CheckpointReader, device: torch.device,
                 fp32: list[re.Pattern]) -> None:
     """Every parameter and persistent buffer outside the EP blocks, from the checkpoint."""
@@ -297,18 +265,7 @@ def _load_dense(model: nn.Module, reader: CheckpointReader, device: torch.device
             continue
         dtype = torch.float32 if any(p.search(name) for p in fp32) else meta.dtype
         value = read_weight(reader, name, tuple(meta.shape), reader.quant, dtype)
-        _set_tensor(model, name, value.to(device=device, dtype=dtype))
-
-
-def _runs(ids: tuple[int, ...]) -> list[tuple[int, int, int]]:
-    """Contiguous runs of global ids as (first local index, start id, stop id)."""
-    runs: list[tuple[int, int, int]] = []
-    for i, g in enumerate(ids):
-        if runs and runs[-1][2] == g:
-            runs[-1] = (runs[-1][0], runs[-1][1], g + 1)
-        else:
-            runs.append((i, g, g + 1))
-    return runs
+        set_tensor(model, name, value.to(device=device, dtype=dtype))
 
 
 @torch.no_grad()
@@ -351,7 +308,7 @@ def _load_moe_block(reader: CheckpointReader, family: Family, layer: int,
         for e in range(E):
             x = f"{prefix}.experts.{e}"
             for key, shape in ((g, (Fi, H)), (u, (Fi, H)), (d, (H, Fi))):
-                _check_shape(reader, f"{x}.{key}.weight", shape)
+                check_shape(reader, f"{x}.{key}.weight", shape)
         for i, e in enumerate(local):
             x = f"{prefix}.experts.{e}"
             if moe.quantized is not None:
@@ -365,11 +322,11 @@ def _load_moe_block(reader: CheckpointReader, family: Family, layer: int,
     fused = f"{prefix}.experts.gate_up_proj"
     down = f"{prefix}.experts.down_proj"
     if moe.quantized is not None and moe.quantized.fmt.method == "mxfp4":  # gpt-oss
-        load_mxfp4_experts(reader, moe, fused, down, _runs(local))
+        load_mxfp4_experts(reader, moe, fused, down, runs(local))
         if c.expert_bias:
-            _check_shape(reader, f"{fused}_bias", (E, 2 * Fi))
-            _check_shape(reader, f"{down}_bias", (E, H))
-            for i, a, b in _runs(local):
+            check_shape(reader, f"{fused}_bias", (E, 2 * Fi))
+            check_shape(reader, f"{down}_bias", (E, H))
+            for i, a, b in runs(local):
                 gub = reader.read(f"{fused}_bias", (E, 2 * Fi), rows=(a, b))
                 moe.b_gate[i : i + b - a].copy_(gub[:, 0::2])
                 moe.b_up[i : i + b - a].copy_(gub[:, 1::2])
@@ -379,15 +336,15 @@ def _load_moe_block(reader: CheckpointReader, family: Family, layer: int,
         raise CheckpointError(f"layer {layer}: no expert weights in the checkpoint (looked for "
                               f"{prefix}.experts.{local[0]}.{g}.weight and {fused})")
     if family.fused_layout == "concat":
-        _check_shape(reader, fused, (E, 2 * Fi, H))
-        _check_shape(reader, down, (E, H, Fi))
+        check_shape(reader, fused, (E, 2 * Fi, H))
+        check_shape(reader, down, (E, H, Fi))
     else:
-        _check_shape(reader, fused, (E, H, 2 * Fi))
-        _check_shape(reader, down, (E, Fi, H))
+        check_shape(reader, fused, (E, H, 2 * Fi))
+        check_shape(reader, down, (E, Fi, H))
     if c.expert_bias:
-        _check_shape(reader, f"{fused}_bias", (E, 2 * Fi))
-        _check_shape(reader, f"{down}_bias", (E, H))
-    for i, a, b in _runs(local):  # stacked tensors: read only this rank's rows
+        check_shape(reader, f"{fused}_bias", (E, 2 * Fi))
+        check_shape(reader, f"{down}_bias", (E, H))
+    for i, a, b in runs(local):  # stacked tensors: read only this rank's rows
         n = b - a
         if family.fused_layout == "concat":  # [E, 2F, H]: gate rows, then up rows
             gu = reader.read(fused, (E, 2 * Fi, H), rows=(a, b))
@@ -406,17 +363,3 @@ def _load_moe_block(reader: CheckpointReader, family: Family, layer: int,
             moe.b_down[i : i + n].copy_(reader.read(f"{down}_bias", (E, H), rows=(a, b)))
 
 
-def _check_shape(reader: CheckpointReader, name: str, shape: tuple[int, ...]) -> None:
-    if name not in reader:
-        raise CheckpointError(f"checkpoint {reader.path} has no tensor {name!r}")
-    if reader.shape(name) != shape:
-        raise CheckpointError(f"tensor {name!r} in {reader.path} has shape {reader.shape(name)}, "
-                              f"expected {shape}")
-
-
-def _check_nothing_on_meta(model: nn.Module, path: Path) -> None:
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
-            if t.is_meta]
-    if left:
-        raise CheckpointError(f"{path}: these tensors were not loaded: {left[:10]}"
-                              + (f" and {len(left) - 10} more" if len(left) > 10 else ""))

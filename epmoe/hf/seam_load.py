@@ -20,6 +20,14 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, CheckpointReader
+from .fill import (
+    check_nothing_on_meta,
+    check_shape,
+    fp32_patterns,
+    rebuild_meta_buffers,
+    runs,
+    set_tensor,
+)
 from .quant_load import keep_experts_quantized, load_fp8_expert, read_weight
 from .seam import SeamExperts
 
@@ -30,9 +38,10 @@ class SeamCheckpoint:
     """Where each tensor of ``model`` is in the checkpoint ``reader``."""
 
     def __init__(self, model: nn.Module, reader: CheckpointReader,
-                 experts: dict[str, nn.Module]) -> None:
-        """``experts``: the transformers experts modules (still on meta) by their names in
-        ``model``, which now holds :class:`SeamExperts` in their places."""
+                 transposed: dict[str, bool]) -> None:
+        """``transposed``: for each experts module by its name in ``model`` (which holds
+        EP layers in their places), whether transformers keeps its stacks transposed in
+        memory (``[E, H, 2F]`` and ``[E, F, H]``: the decorator's ``is_transposed``)."""
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import (
             WeightConverter,
@@ -40,7 +49,8 @@ class SeamCheckpoint:
             rename_source_key,
         )
 
-        self.reader, self.experts = reader, experts
+        self.reader, self.transposed = reader, transposed
+        experts = transposed  # (the experts modules' names, for the lookups below)
         transforms = get_model_conversion_mapping(model)
         renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
         converters = [t for t in transforms if isinstance(t, WeightConverter)]
@@ -121,7 +131,7 @@ class SeamCheckpoint:
     @torch.no_grad()
     def load_experts(self, name: str, layer: SeamExperts) -> None:
         """This rank's experts of the module ``name`` into ``layer.moe``."""
-        moe, module = layer.moe, self.experts[name]
+        moe, in_memory_transposed = layer.moe, self.transposed[name]
         c = moe.config
         E, H, Fi = c.num_experts, c.hidden_size, c.intermediate_size
         keys, local = self.expert_keys[name], moe.local_experts
@@ -142,7 +152,7 @@ class SeamCheckpoint:
                     if key is None:
                         raise CheckpointError(f"{self.reader.path}: no {role} weight of expert "
                                               f"{e} of {name}")
-                    _check_shape(self.reader, key, shape)
+                    check_shape(self.reader, key, shape)
             for i, e in enumerate(local):
                 if quant:
                     load_fp8_expert(self.reader, moe, i, *(keys["per_expert"][(e, r)]
@@ -165,13 +175,13 @@ class SeamCheckpoint:
         for part, rows in (("gate_up_proj", 2 * Fi), ("down_proj", H)):
             cols = H if part == "gate_up_proj" else Fi
             key, flip = fused[part]
-            mem = (E, cols, rows) if module.is_transposed else (E, rows, cols)
+            mem = (E, cols, rows) if in_memory_transposed else (E, rows, cols)
             flipped = flip == "always" or (flip == "if_shape_differs"
                                            and self.reader.shape(key) != mem)
             shape = (mem[0], mem[2], mem[1]) if flipped else mem
-            _check_shape(self.reader, key, shape)
-            transposed = flipped != module.is_transposed  # the file holds [E, cols, rows]
-            for i, a, b in _runs(local):  # read only this rank's experts' rows
+            check_shape(self.reader, key, shape)
+            transposed = flipped != in_memory_transposed  # the file holds [E, cols, rows]
+            for i, a, b in runs(local):  # read only this rank's experts' rows
                 t = self.reader.read(key, shape, rows=(a, b))
                 t = t.transpose(1, 2) if transposed else t
                 (moe.w_gate_up if part == "gate_up_proj" else moe.w_down)[i : i + b - a].copy_(t)
@@ -197,16 +207,6 @@ def _expert_roles(converters) -> dict[str, str]:
     return roles
 
 
-def _runs(ids: tuple[int, ...]) -> list[tuple[int, int, int]]:
-    from .loading import _runs as runs
-    return runs(ids)
-
-
-def _check_shape(reader: CheckpointReader, name: str, shape: tuple[int, ...]) -> None:
-    from .loading import _check_shape as check
-    check(reader, name, shape)
-
-
 def model_class(hf_config):
     """transformers' class for ``hf_config``: its causal LM, else the class its
     ``config.json`` names (Mistral 4; the multimodal families, whose text part is used)."""
@@ -230,7 +230,6 @@ def build_seam_model(path, state, hf_config, dtype: torch.dtype, reader: Checkpo
     """transformers' model on the meta device, each experts module replaced by a
     :class:`SeamExperts`, then filled: dense weights whole, this rank's experts.
     Returns the model and its EP layers by experts module name, in the model's order."""
-    from . import loading
     from .seam import experts_modules, seam_layer
 
     with torch.device("meta"):  # no weight is allocated here
@@ -249,14 +248,14 @@ def build_seam_model(path, state, hf_config, dtype: torch.dtype, reader: Checkpo
         if reader.quant is not None:
             keep_experts_quantized(layer.moe, reader.quant)
         layers[name] = layer
-    loading._rebuild_meta_buffers(model, state.device)
-    ckpt = SeamCheckpoint(model, reader, dict(found))
+    rebuild_meta_buffers(model, state.device)
+    ckpt = SeamCheckpoint(model, reader, {n: m.is_transposed for n, m in found})
     load_dense(model, ckpt, layers, path, dtype, state.device)
     for name, layer in layers.items():
         ckpt.load_experts(name, layer)
     if getattr(hf_config, "tie_word_embeddings", False):
         model.tie_weights()
-    loading._check_nothing_on_meta(model, path)
+    check_nothing_on_meta(model, path)
     reader.close()
     return model, layers
 
@@ -266,9 +265,7 @@ def load_dense(model: nn.Module, ckpt: SeamCheckpoint, layers: dict, path, dtype
     """Every parameter and persistent buffer of ``model`` outside the EP ``layers``, read
     whole (dequantized from FP8 where the checkpoint stores it so), in the model's dtype
     or in fp32 where transformers keeps it (``_keep_in_fp32_modules``)."""
-    from . import loading
-
-    fp32 = loading._fp32_patterns(model, dtype)
+    fp32 = fp32_patterns(model, dtype)
     tied = set(getattr(model, "_tied_weights_keys", None) or {}) \
         if getattr(model.config.get_text_config(), "tie_word_embeddings", False) else set()
     skip = tuple(f"{n}." for n in layers)
@@ -283,4 +280,4 @@ def load_dense(model: nn.Module, ckpt: SeamCheckpoint, layers: dict, path, dtype
             if name in tied or not meta.is_meta:
                 continue
             raise CheckpointError(f"{path}: no tensor for {name!r} in the checkpoint")
-        loading._set_tensor(model, name, value.to(device=device, dtype=dt))
+        set_tensor(model, name, value.to(device=device, dtype=dt))
